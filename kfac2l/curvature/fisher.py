@@ -1,0 +1,176 @@
+"""The mini-batch Fisher F = (1/B) J J^T and its products, from captured per-sample quantities.
+
+Appendix A of the paper: F u = (1/B) J (J^T u) (A3) where J in R^{p x B} has the per-sample
+gradients as columns. J^T u (A4-A6) and J v (A7-A14) are computed from the layer inputs abar and
+output gradients g only; neither the per-sample gradients of a convolution nor any (B T) x (B T)
+matrix is formed.
+
+Layers of equal shape are stacked in *groups* so that one batched GEMM serves all of them (the
+64 identical 10x10 layers of the deep linear net A are one group). A "layered vector" u in R^p is a
+list over groups of tensors of shape (L, k, O, I): k vectors at once, each layer's part as its
+(O, I) matrix MAT(u[i]).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class LayerGroup:
+    """Layers of one shape: their positions in the model and stacked per-sample quantities.
+
+    a: (L, B, T, I) augmented inputs, g: (L, B, T, O) pre-activation derivatives.
+    """
+
+    indices: list[int]
+    a: torch.Tensor
+    g: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.g.shape[-1], self.a.shape[-1]
+
+
+def group_layers(a_list: list[torch.Tensor], g_list: list[torch.Tensor]) -> list[LayerGroup]:
+    """Stack layers with identical (O, I, T) into groups, keeping first-appearance order."""
+    keys: dict[tuple[int, int, int], list[int]] = {}
+    for i, (a, g) in enumerate(zip(a_list, g_list)):
+        keys.setdefault((g.shape[-1], a.shape[-1], a.shape[1]), []).append(i)
+    return [
+        LayerGroup(idx, torch.stack([a_list[i] for i in idx]), torch.stack([g_list[i] for i in idx]))
+        for idx in keys.values()
+    ]
+
+
+def project(group: LayerGroup, u: torch.Tensor) -> torch.Tensor:
+    """Per-layer J_i^T u[i] for k vectors: <vec(DW_i^(b)), u[i]> (A5, A6).
+
+    u: (L, k, O, I). Returns (L, k, B) = sum_t g_{b,t}^T MAT(u[i]) abar_{b,t}.
+    The contraction goes through the smaller of O and I.
+    """
+    L, B, T, I = group.a.shape
+    O = group.g.shape[-1]
+    a = group.a.reshape(L, 1, B * T, I)
+    g = group.g.reshape(L, 1, B * T, O)
+    if O <= I:
+        gu = torch.matmul(g, u)  # (L, k, BT, I)
+        out = (gu * a).sum(-1)
+    else:
+        ua = torch.matmul(a, u.transpose(-1, -2))  # (L, k, BT, O)
+        out = (ua * g).sum(-1)
+    return out.reshape(L, u.shape[1], B, T).sum(-1)
+
+
+def combine(group: LayerGroup, v: torch.Tensor) -> torch.Tensor:
+    """Per-layer (J v)[i] for k weight vectors: sum_b v_b sum_t g_{b,t} abar_{b,t}^T (A8-A13).
+
+    v: (L, k, B) or (k, B) (broadcast over layers). Returns (L, k, O, I).
+    """
+    L, B, T, I = group.a.shape
+    O = group.g.shape[-1]
+    if v.dim() == 2:
+        v = v.unsqueeze(0).expand(L, -1, -1)
+    k = v.shape[1]
+    weighted = group.g.unsqueeze(1) * v.reshape(L, k, B, 1, 1)  # (L, k, B, T, O)
+    weighted = weighted.reshape(L, k, B * T, O)
+    return torch.matmul(weighted.transpose(-1, -2), group.a.reshape(L, 1, B * T, I))
+
+
+def jt(groups: list[LayerGroup], u: list[torch.Tensor]) -> torch.Tensor:
+    """J^T u summed over all layers (A4): (k, B)."""
+    return sum(project(grp, ug).sum(0) for grp, ug in zip(groups, u))
+
+
+def fisher_vector_product(
+    groups: list[LayerGroup], u: list[torch.Tensor], damping: float
+) -> list[torch.Tensor]:
+    """F_bullet u = (1/B) J J^T u + lambda u (A1, A3) for a layered vector with k columns."""
+    batch = groups[0].a.shape[1]
+    v = jt(groups, u) / batch
+    return [combine(grp, v) + damping * ug for grp, ug in zip(groups, u)]
+
+
+def per_sample_projections(groups: list[LayerGroup], vectors: list[torch.Tensor]) -> torch.Tensor:
+    """P = J^T R0^T in R^{B x m} for a block-diagonal coarse basis (eq. 3.21).
+
+    vectors[grp]: (L, k, O, I), column k of layer l's block V_l. Columns are ordered group by
+    group, layer by layer, k fastest.
+    """
+    cols = [project(grp, vg).reshape(-1, grp.a.shape[1]) for grp, vg in zip(groups, vectors)]
+    return torch.cat(cols, dim=0).T
+
+
+def block_gram(vectors: list[torch.Tensor]) -> torch.Tensor:
+    """blockdiag(V_i^T V_i) in the column order of ``per_sample_projections``."""
+    blocks = []
+    for vg in vectors:
+        flat = vg.flatten(2)  # (L, k, O*I)
+        blocks.extend(torch.matmul(flat, flat.transpose(1, 2)).unbind(0))
+    return torch.block_diag(*blocks)
+
+
+def coarse_operator(groups: list[LayerGroup], vectors: list[torch.Tensor], damping: float) -> torch.Tensor:
+    """F_coarse = R0 F_bullet R0^T exactly (3.12, A15-A16), as one product of P with itself.
+
+    F_coarse = (1/B) P^T P + lambda blockdiag(V_i^T V_i), with P the (B x m) per-sample
+    projections; computed in float64 since m is small and the operator may be ill-conditioned.
+    """
+    batch = groups[0].a.shape[1]
+    p = per_sample_projections(groups, vectors).double()
+    return p.T @ p / batch + damping * block_gram(vectors).double()
+
+
+def restrict(vectors: list[torch.Tensor], u: list[torch.Tensor]) -> torch.Tensor:
+    """R0 u = [V_i^T u[i]]: (m,) in the column order of ``per_sample_projections``."""
+    parts = [(vg * ug).flatten(2).sum(-1).reshape(-1) for vg, ug in zip(vectors, u)]
+    return torch.cat(parts)
+
+
+def prolong(vectors: list[torch.Tensor], beta: torch.Tensor) -> list[torch.Tensor]:
+    """R0^T beta = [V_i beta_i] as a layered vector with one column, (L, 1, O, I) per group."""
+    out, offset = [], 0
+    for vg in vectors:
+        L, k = vg.shape[:2]
+        b = beta[offset : offset + L * k].reshape(L, k, 1, 1).to(vg.dtype)
+        out.append((vg * b).sum(1, keepdim=True))
+        offset += L * k
+    return out
+
+
+def per_sample_gradient_gram(groups: list[LayerGroup], max_elements: int = 2**26) -> torch.Tensor:
+    """K = J^T J (B x B), the Gram matrix of per-sample gradients (for the Woodbury solve).
+
+    Linear layers (T = 1): K_i = (G G^T) * (A A^T), no per-sample gradient formed. Layers with
+    T > 1: per-sample gradients DW^(b) are formed in chunks of at most ``max_elements`` entries
+    (the exact natural gradient is the reference, not the fast path).
+    """
+    batch = groups[0].a.shape[1]
+    gram = groups[0].a.new_zeros(batch, batch)
+    for grp in groups:
+        L, B, T, I = grp.a.shape
+        O = grp.g.shape[-1]
+        if T == 1:
+            a, g = grp.a[:, :, 0], grp.g[:, :, 0]
+            gram = gram + (torch.matmul(g, g.transpose(1, 2)) * torch.matmul(a, a.transpose(1, 2))).sum(0)
+            continue
+        chunk = max(1, max_elements // (B * O * I))
+        for start in range(0, L, chunk):
+            a, g = grp.a[start : start + chunk], grp.g[start : start + chunk]
+            dw = torch.matmul(g.transpose(2, 3), a).flatten(2)  # (l, B, O*I)
+            gram = gram + torch.matmul(dw, dw.transpose(1, 2)).sum(0)
+    return gram
+
+
+def layered_dot(u: list[torch.Tensor], w: list[torch.Tensor]) -> torch.Tensor:
+    """Euclidean inner products <u_k, w_k> of two layered vectors: (k,)."""
+    return sum((ug * wg).flatten(2).sum(-1).sum(0) for ug, wg in zip(u, w))
+
+
+def fisher_norm_sq(groups: list[LayerGroup], u: list[torch.Tensor], damping: float) -> torch.Tensor:
+    """||u||^2_{F_bullet} = (1/B) ||J^T u||^2 + lambda ||u||^2: (k,)."""
+    batch = groups[0].a.shape[1]
+    v = jt(groups, u)
+    return (v * v).sum(-1) / batch + damping * layered_dot(u, u)

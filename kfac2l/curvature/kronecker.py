@@ -1,0 +1,124 @@
+"""Kronecker factors of KFAC, their damping and their inverses (paper section 2.3).
+
+For a group of L equally shaped layers:
+  A_i = E[sum_t abar_{i-1,t} abar_{i-1,t}^T]          (2.25, 2.27)  shape (L, I, I)
+  G_i = (1/T_i) E[sum_t g_{i,t} g_{i,t}^T]             (2.25, 2.27)  shape (L, O, O)
+estimated on the Fisher mini-batch (targets sampled from the model) and averaged over time with
+weight rho = min(1 - 1/k, decay) (k = number of updates so far).
+
+Damping modes of [F_bullet KFAC]_{i,i}:
+  * ``pi``     (A + pi sqrt(lambda) I) (x) (G + sqrt(lambda)/pi I)  with pi of eq. (2.30b) (paper);
+  * ``factor`` (A + lambda I) (x) (G + lambda I)  (what the authors' public code does);
+  * ``exact``  A (x) G + lambda I, inverted in the Kronecker eigenbasis (Tselepidis et al.).
+All three are applied through eigen-decompositions batched over the group (one ``eigh`` call
+per factor size and group), which also give the spectral coarse vectors of eqs. (3.25-3.28).
+"""
+
+from __future__ import annotations
+
+import torch
+
+DAMPING_MODES = ("pi", "factor", "exact")
+
+
+def batch_factors(a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mini-batch estimates of A and G (eq. 2.27) from a (L, B, T, I) and g (L, B, T, O)."""
+    L, B, T, I = a.shape
+    a2 = a.reshape(L, B * T, I)
+    g2 = g.reshape(L, B * T, g.shape[-1])
+    A = torch.matmul(a2.transpose(1, 2), a2) / B
+    G = torch.matmul(g2.transpose(1, 2), g2) / (B * T)
+    return A, G
+
+
+def pi_factor(A: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+    """pi_i = sqrt((tr A_i / dim A_i) / (tr G_i / dim G_i)) of eq. (2.30b), 1 where G_i = 0. (L,)"""
+    ta = torch.diagonal(A, dim1=-2, dim2=-1).mean(-1)
+    tg = torch.diagonal(G, dim1=-2, dim2=-1).mean(-1)
+    ok = (ta > 0) & (tg > 0)
+    ratio = torch.where(ok, ta / torch.where(ok, tg, torch.ones_like(tg)), torch.ones_like(ta))
+    return ratio.sqrt()
+
+
+class DampedKronecker:
+    """The damped KFAC blocks of one layer group and their inverses (eqs. 2.29-2.31, 3.8).
+
+    ``apply_inverse(U)`` returns [F_bullet KFAC]_{i,i}^{-1} u[i] as G'^{-1} MAT(u[i]) A'^{-1}.
+    """
+
+    def __init__(self, A: torch.Tensor, G: torch.Tensor, damping: float, mode: str = "pi"):
+        if mode not in DAMPING_MODES:
+            raise ValueError(f"damping_mode={mode!r} is not valid; choose one of {DAMPING_MODES}")
+        self.mode = mode
+        self.damping = damping
+        eA, self.QA = torch.linalg.eigh(A)
+        eG, self.QG = torch.linalg.eigh(G)
+        self.eA, self.eG = eA.clamp_min(0), eG.clamp_min(0)
+        if mode == "exact":
+            self.denominator = self.eG.unsqueeze(-1) * self.eA.unsqueeze(-2) + damping  # (L, O, I)
+        else:
+            if mode == "pi":
+                pi = pi_factor(A, G)
+                shift_a, shift_g = pi * damping**0.5, damping**0.5 / pi
+            else:
+                shift_a = shift_g = torch.full_like(self.eA[:, 0], damping)
+            self.dA = self.eA + shift_a.unsqueeze(-1)
+            self.dG = self.eG + shift_g.unsqueeze(-1)
+            self.A_inv = (self.QA / self.dA.unsqueeze(-2)) @ self.QA.transpose(-1, -2)
+            self.G_inv = (self.QG / self.dG.unsqueeze(-2)) @ self.QG.transpose(-1, -2)
+
+    def apply_inverse(self, u: torch.Tensor) -> torch.Tensor:
+        """[F_bullet KFAC]^{-1} applied layer-wise to u of shape (L, k, O, I) (eq. 2.29)."""
+        if self.mode == "exact":
+            QA, QG = self.QA.unsqueeze(1), self.QG.unsqueeze(1)
+            rotated = QG.transpose(-1, -2) @ u @ QA
+            return QG @ (rotated / self.denominator.unsqueeze(1)) @ QA.transpose(-1, -2)
+        return self.G_inv.unsqueeze(1) @ u @ self.A_inv.unsqueeze(1)
+
+    def apply(self, u: torch.Tensor) -> torch.Tensor:
+        """[F_bullet KFAC] applied layer-wise (the damped block itself; for tests and Taylor)."""
+        QA, QG = self.QA.unsqueeze(1), self.QG.unsqueeze(1)
+        if self.mode == "exact":
+            scale = self.denominator
+        else:
+            scale = self.dG.unsqueeze(-1) * self.dA.unsqueeze(-2)
+        rotated = QG.transpose(-1, -2) @ u @ QA
+        return QG @ (rotated * scale.unsqueeze(1)) @ QA.transpose(-1, -2)
+
+    def smallest_eigenvector(self) -> torch.Tensor:
+        """MAT of the eigenvector of the smallest eigenvalue of each damped block (3.25, 3.28).
+
+        The damped block is (A') (x) (G') in the paper's vec order, whose smallest eigenpair is
+        the product of the smallest of A' and of G'; as a matrix this is v_G v_A^T, shape (L, O, I).
+        In ``exact`` mode A (x) G + lambda I has the same eigenvectors (eigenvalues >= 0).
+        """
+        v_a = self.QA[..., :, 0]
+        v_g = self.QG[..., :, 0]
+        return v_g.unsqueeze(-1) * v_a.unsqueeze(-2)
+
+    def ones_sum(self) -> torch.Tensor:
+        """1^T [F_bullet KFAC]_{i,i} 1 per layer: the diagonal of the PREVIOUS coarse operator (3.18b)."""
+        ones = torch.ones(self.QG.shape[0], 1, self.QG.shape[-1], self.QA.shape[-1],
+                          dtype=self.QA.dtype, device=self.QA.device)
+        return (self.apply(ones) * ones).flatten(1).sum(-1)
+
+
+class FactorState:
+    """Moving averages of the Kronecker factors of one layer group (rho = min(1 - 1/k, decay))."""
+
+    def __init__(self, decay: float = 0.95):
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"ema_decay={decay!r} must lie in [0, 1)")
+        self.decay = decay
+        self.updates = 0
+        self.A: torch.Tensor | None = None
+        self.G: torch.Tensor | None = None
+
+    def update(self, A: torch.Tensor, G: torch.Tensor) -> None:
+        self.updates += 1
+        rho = min(1.0 - 1.0 / self.updates, self.decay)
+        if self.A is None:
+            self.A, self.G = A.clone(), G.clone()
+        else:
+            self.A.mul_(rho).add_(A, alpha=1.0 - rho)
+            self.G.mul_(rho).add_(G, alpha=1.0 - rho)

@@ -1,0 +1,148 @@
+"""Per-layer helpers: the paper's matrix view of Linear and Conv2d layers.
+
+Every preconditioned layer i is seen as the matrix W_i of shape (d_i, d_{i-1} + 1) of eq. (2.3)
+(MLP) or (c_i, c_{i-1} Delta_i + 1) of eq. (2.5) (convolution), the last column holding the
+bias when the layer has one. Its per-sample quantities are
+
+* ``a``: the (augmented) inputs abar_{i-1,t}, shape (B, T, I) with I = in_features (+1);
+* ``g``: the pre-activation derivatives g_{i,t}, shape (B, T, O),
+
+with T the number of spatial locations (T = 1 for a Linear layer on flat inputs; extra leading
+dimensions of a Linear input are treated as locations sharing the weight, like a convolution).
+The per-sample gradient is then DW_i^(b) = sum_t g_{i,t}^(b) abar_{i-1,t}^(b)T (eqs. 2.4, 2.7).
+
+Vectorisation order: in this code a layer's parameter vector is the row-major flattening of that
+(O, I) matrix, i.e. [W.flatten(), b] row by row. This is the paper's column-stacking vec of W^T;
+as a consequence the Kronecker block A (x) G of eq. (2.25) in the paper's order is G (x) A in ours.
+All products are written in the matrix form (G^-1 MAT(u) A^-1, eq. 2.29), so no code depends on
+the order except the explicit dense references in the tests and in ``kfac2l.verify``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SUPPORTED_LAYERS = (nn.Linear, nn.Conv2d)
+
+
+def is_supported(module: nn.Module) -> bool:
+    """True for the layers KFAC preconditions: Linear and ungrouped zero-padded Conv2d."""
+    if isinstance(module, nn.Linear):
+        return True
+    if isinstance(module, nn.Conv2d):
+        return module.groups == 1 and module.padding_mode == "zeros"
+    return False
+
+
+def preconditioned_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The (name, module) pairs of ``model`` that are preconditioned, in forward order of definition."""
+    return [(name, m) for name, m in model.named_modules() if is_supported(m)]
+
+
+def matrix_shape(module: nn.Module) -> tuple[int, int]:
+    """(O, I): rows and columns of the layer matrix W_i, bias column included."""
+    weight = module.weight
+    out_features = weight.shape[0]
+    in_features = weight[0].numel()
+    return out_features, in_features + (1 if module.bias is not None else 0)
+
+
+def _conv_padding(module: nn.Conv2d, height: int, width: int) -> tuple[int, int, int, int]:
+    """Explicit (left, right, top, bottom) zero padding of a Conv2d, resolving 'same'/'valid'."""
+    if module.padding == "valid":
+        return (0, 0, 0, 0)
+    if module.padding == "same":
+        pads = []
+        for k, d in zip(module.kernel_size, module.dilation):
+            total = d * (k - 1)
+            pads.append((total // 2, total - total // 2))
+        (top, bottom), (left, right) = pads
+        return (left, right, top, bottom)
+    ph, pw = module.padding
+    return (pw, pw, ph, ph)
+
+
+def layer_inputs(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """abar: the per-sample, per-location augmented inputs, shape (B, T, I) (eqs. 2.3, 2.5, A14b)."""
+    if isinstance(module, nn.Conv2d):
+        x = F.pad(x, _conv_padding(module, x.shape[-2], x.shape[-1]))
+        patches = F.unfold(x, module.kernel_size, dilation=module.dilation, stride=module.stride)
+        a = patches.transpose(1, 2)  # (B, T, C_in * kh * kw), channel-major like weight.view(O, -1)
+    else:
+        a = x.reshape(x.shape[0], -1, x.shape[-1])
+    if module.bias is not None:
+        a = torch.cat([a, a.new_ones(a.shape[0], a.shape[1], 1)], dim=2)
+    return a
+
+
+def layer_output_grads(module: nn.Module, grad_output: torch.Tensor) -> torch.Tensor:
+    """g: the per-sample, per-location pre-activation derivatives, shape (B, T, O) (eqs. 2.4, 2.7)."""
+    if isinstance(module, nn.Conv2d):
+        return grad_output.flatten(2).transpose(1, 2)
+    return grad_output.reshape(grad_output.shape[0], -1, grad_output.shape[-1])
+
+
+def grad_matrix(module: nn.Module) -> torch.Tensor:
+    """MAT(D theta[i]): the layer's gradient as an (O, I) matrix, bias in the last column."""
+    weight = module.weight
+    grad_w = weight.grad if weight.grad is not None else torch.zeros_like(weight)
+    mat = grad_w.reshape(weight.shape[0], -1)
+    if module.bias is not None:
+        grad_b = module.bias.grad if module.bias.grad is not None else torch.zeros_like(module.bias)
+        mat = torch.cat([mat, grad_b.unsqueeze(1)], dim=1)
+    return mat
+
+
+def write_grad_matrix(module: nn.Module, mat: torch.Tensor) -> None:
+    """Write an (O, I) matrix back into ``.grad`` of the layer's weight and bias."""
+    weight = module.weight
+    n_w = weight[0].numel()
+    if weight.grad is None:
+        weight.grad = torch.zeros_like(weight)
+    weight.grad.copy_(mat[:, :n_w].reshape(weight.shape))
+    if module.bias is not None:
+        if module.bias.grad is None:
+            module.bias.grad = torch.zeros_like(module.bias)
+        module.bias.grad.copy_(mat[:, n_w])
+
+
+def param_matrix(module: nn.Module) -> torch.Tensor:
+    """The layer's parameters as an (O, I) matrix (used by dense references)."""
+    mat = module.weight.detach().reshape(module.weight.shape[0], -1)
+    if module.bias is not None:
+        mat = torch.cat([mat, module.bias.detach().unsqueeze(1)], dim=1)
+    return mat
+
+
+class ForwardCapture:
+    """Forward hooks that keep each layer's latest input and output while gradients are enabled.
+
+    The outputs are the pre-activations s_i; ``torch.autograd.grad`` of the summed sampled
+    negative log-likelihood with respect to them gives g_i for every sample without touching
+    ``.grad`` (so the user's own ``loss.backward()`` is unaffected).
+    """
+
+    def __init__(self, modules: list[nn.Module]):
+        self.modules = modules
+        self.inputs: list[torch.Tensor | None] = [None] * len(modules)
+        self.outputs: list[torch.Tensor | None] = [None] * len(modules)
+        self._handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(modules)]
+
+    def _hook(self, index: int):
+        def hook(module, inputs, output):
+            if torch.is_grad_enabled() and output.requires_grad:
+                self.inputs[index] = inputs[0].detach()
+                self.outputs[index] = output
+
+        return hook
+
+    def clear(self) -> None:
+        self.inputs = [None] * len(self.modules)
+        self.outputs = [None] * len(self.modules)
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []

@@ -1,0 +1,192 @@
+"""Explicit dense float64 constructions: the oracles of the tests and of ``kfac2l.verify``.
+
+Everything here is built the slow, obvious way on tiny networks: the full per-sample Jacobian J
+(B x p) by ``torch.func.vmap(grad)``, the explicit Fisher F = J^T J / B, explicit Kronecker blocks
+from patches extracted with Python loops, explicit R0 (p x m) and dense solves. Vectors use the
+row-major vec of each layer's (O, I) matrix (see ``kfac2l.curvature.layers``), so the paper's
+A (x) G is ``torch.kron(G, A)`` here.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from kfac2l.curvature.layers import matrix_shape, preconditioned_layers
+from kfac2l.curvature.likelihood import summed_nll
+
+
+def layer_slices(model: nn.Module) -> list[tuple[slice, int, int]]:
+    """(slice into the flat vector, O, I) for each preconditioned layer."""
+    out, start = [], 0
+    for _, m in preconditioned_layers(model):
+        O, I = matrix_shape(m)
+        out.append((slice(start, start + O * I), O, I))
+        start += O * I
+    return out
+
+
+def flatten_layer_grads(model: nn.Module, grads: dict[str, torch.Tensor], batch_dims: int = 0) -> torch.Tensor:
+    """Concatenate per-layer [W | b] matrices (row-major) from a name -> gradient dict."""
+    parts = []
+    for name, m in preconditioned_layers(model):
+        prefix = f"{name}." if name else ""
+        w = grads[prefix + "weight"]
+        lead = w.shape[:batch_dims]
+        mat = w.reshape(*lead, w.shape[batch_dims], -1)
+        if m.bias is not None:
+            mat = torch.cat([mat, grads[prefix + "bias"].unsqueeze(-1)], dim=-1)
+        parts.append(mat.reshape(*lead, -1))
+    return torch.cat(parts, dim=-1)
+
+
+def per_sample_jacobian(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, likelihood: str) -> torch.Tensor:
+    """J^T: (B, p), row b = gradient of l_b = -log p(t_b | f(x_b)) w.r.t. the layer parameters."""
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    buffers = {k: v.detach() for k, v in model.named_buffers()}
+
+    def nll(p, xb, tb):
+        out = functional_call(model, (p, buffers), (xb.unsqueeze(0),))
+        return summed_nll(out, tb.unsqueeze(0), likelihood)
+
+    per_sample = vmap(grad(nll), in_dims=(None, 0, 0))(params, x, targets)
+    return flatten_layer_grads(model, per_sample, batch_dims=1)
+
+
+def flat_grad(model: nn.Module) -> torch.Tensor:
+    """The current ``.grad`` of the preconditioned layers as one flat vector."""
+    grads = {k: (v.grad if v.grad is not None else torch.zeros_like(v)) for k, v in model.named_parameters()}
+    return flatten_layer_grads(model, grads)
+
+
+def explicit_patches(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """abar by explicit loops over output locations (B, T, I): the oracle of ``layer_inputs``."""
+    if isinstance(module, nn.Linear):
+        a = x.reshape(x.shape[0], -1, x.shape[-1])
+    else:
+        (kh, kw), (sh, sw), (dh, dw) = module.kernel_size, module.stride, module.dilation
+        ph, pw = (0, 0) if module.padding == "valid" else module.padding
+        xp = torch.zeros(x.shape[0], x.shape[1], x.shape[2] + 2 * ph, x.shape[3] + 2 * pw, dtype=x.dtype)
+        xp[:, :, ph : ph + x.shape[2], pw : pw + x.shape[3]] = x
+        H = (xp.shape[2] - dh * (kh - 1) - 1) // sh + 1
+        W = (xp.shape[3] - dw * (kw - 1) - 1) // sw + 1
+        cols = []
+        for i in range(H):
+            for j in range(W):
+                patch = xp[:, :, i * sh : i * sh + dh * (kh - 1) + 1 : dh, j * sw : j * sw + dw * (kw - 1) + 1 : dw]
+                cols.append(patch.reshape(x.shape[0], -1))
+        a = torch.stack(cols, dim=1)
+    if module.bias is not None:
+        a = torch.cat([a, torch.ones(a.shape[0], a.shape[1], 1, dtype=a.dtype)], dim=2)
+    return a
+
+
+def layer_data(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, likelihood: str):
+    """Per layer (abar, g) with explicit patches: (B, T, I), (B, T, O)."""
+    mods = [m for _, m in preconditioned_layers(model)]
+    store = {}
+    handles = [m.register_forward_hook(lambda mod, i, o, k=k: store.__setitem__(k, (i[0], o))) for k, m in enumerate(mods)]
+    out = model(x)
+    for h in handles:
+        h.remove()
+    outs = [store[k][1] for k in range(len(mods))]
+    gs = torch.autograd.grad(summed_nll(out, targets, likelihood), outs)
+    data = []
+    for k, m in enumerate(mods):
+        a = explicit_patches(m, store[k][0].detach())
+        go = gs[k]
+        g = go.flatten(2).transpose(1, 2) if isinstance(m, nn.Conv2d) else go.reshape(go.shape[0], -1, go.shape[-1])
+        data.append((a, g))
+    return data
+
+
+def explicit_factors(a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A = (1/B) sum_b sum_t abar abar^T, G = (1/(B T)) sum_b sum_t g g^T by explicit sums (2.27)."""
+    B, T = a.shape[:2]
+    A = sum(torch.outer(a[b, t], a[b, t]) for b in range(B) for t in range(T)) / B
+    G = sum(torch.outer(g[b, t], g[b, t]) for b in range(B) for t in range(T)) / (B * T)
+    return A, G
+
+
+def damped_block(A: torch.Tensor, G: torch.Tensor, damping: float, mode: str) -> torch.Tensor:
+    """[F_bullet KFAC]_{i,i} in row-major order: kron(G', A') (2.30) or kron(G, A) + lambda I."""
+    if mode == "exact":
+        return torch.kron(G, A) + damping * torch.eye(A.shape[0] * G.shape[0], dtype=A.dtype)
+    if mode == "pi":
+        pi = ((torch.trace(A) / A.shape[0]) / (torch.trace(G) / G.shape[0])).sqrt()
+        sa, sg = pi * damping**0.5, damping**0.5 / pi
+    else:
+        sa = sg = damping
+    return torch.kron(G + sg * torch.eye(G.shape[0], dtype=G.dtype), A + sa * torch.eye(A.shape[0], dtype=A.dtype))
+
+
+def block_diag_kfac(data, damping: float, mode: str) -> torch.Tensor:
+    """F_bullet KFAC = diag of the damped blocks (2.31b), p x p."""
+    return torch.block_diag(*[damped_block(*explicit_factors(a, g), damping, mode) for a, g in data])
+
+
+def explicit_coarse_basis(space: str, model, data, kfac: torch.Tensor, fisher_b: torch.Tensor, grad: torch.Tensor,
+                          damping: float, mode: str, taylor_order: int = 2) -> torch.Tensor:
+    """R0^T (p x m) for a coarse space, built densely from its definition (3.21-3.38)."""
+    slices = layer_slices(model)
+    p = grad.shape[0]
+    zeta_kfac = torch.linalg.solve(kfac, grad)
+    r = grad - fisher_b @ zeta_kfac
+    w1 = torch.linalg.solve(kfac, r)
+    cols = []
+    for (sl, O, I), (a, g) in zip(slices, data):
+        block = kfac[sl, sl]
+        ones = torch.ones(O * I, dtype=grad.dtype)
+        if space == "nicolaides":
+            vs = [ones]
+        elif space == "spectral":
+            evals, evecs = torch.linalg.eigh(block)
+            vs = [evecs[:, 0]]
+        elif space == "residual":
+            vs = [w1[sl]]
+        elif space == "krylov-nicolaides":
+            vs = [ones, torch.linalg.solve(block, ones)]
+        elif space == "krylov-residual":
+            vs = [w1[sl], torch.linalg.solve(block, w1[sl])]
+        elif space == "taylor":
+            vs, w = [], w1
+            for _ in range(taylor_order):
+                vs.append(w[sl])
+                w = torch.linalg.solve(kfac, fisher_b @ w)
+        elif space == "full":
+            vs = list(torch.eye(O * I, dtype=grad.dtype))
+        else:
+            raise ValueError(space)
+        for v in vs:
+            col = torch.zeros(p, dtype=grad.dtype)
+            col[sl] = v
+            cols.append(col)
+    return torch.stack(cols, dim=1)
+
+
+def two_level_step(kfac, fisher_b, grad, basis, correction: str = "multiplicative", coarse_op=None) -> torch.Tensor:
+    """zeta_KFAC + R0^T beta with beta from (3.11) or (4.7b), all dense."""
+    zeta_kfac = torch.linalg.solve(kfac, grad)
+    op = basis.T @ fisher_b @ basis if coarse_op is None else coarse_op
+    rhs = basis.T @ (grad - fisher_b @ zeta_kfac) if correction == "multiplicative" else basis.T @ grad
+    beta = torch.linalg.lstsq(op, rhs.unsqueeze(1)).solution.squeeze(1)
+    return zeta_kfac + basis @ beta
+
+
+def previous_coarse_operator(data, damping: float, mode: str) -> torch.Tensor:
+    """R0 Fbar_bullet R0^T of Tselepidis et al. (3.18) for Nicolaides vectors, Linear layers only:
+    explicit Kronecker cross blocks E[abar_i abar_j^T] (x) E[g_i g_j^T] contracted with ones."""
+    n = len(data)
+    op = torch.zeros(n, n, dtype=data[0][0].dtype)
+    B = data[0][0].shape[0]
+    for i, (ai, gi) in enumerate(data):
+        for j, (aj, gj) in enumerate(data):
+            if i == j:
+                block = damped_block(*explicit_factors(ai, gi), damping, mode)
+            else:
+                Aij = ai[:, 0].T @ aj[:, 0] / B
+                Gij = gi[:, 0].T @ gj[:, 0] / B
+                block = torch.kron(Gij, Aij)
+            op[i, j] = block.sum()
+    return op

@@ -1,0 +1,419 @@
+"""Preconditioners: KFAC, two-level KFAC and the exact regularised natural gradient.
+
+A preconditioner is separate from the base optimiser. Each training step:
+
+    out = model(x_fisher)                         # a forward pass with gradients enabled
+    pre.update_curvature(out, likelihood=...)     # sampled targets, captures abar and g per layer
+    loss = criterion(model(x), y); loss.backward()
+    pre.step()                                    # .grad of Linear/Conv2d layers := step direction
+    base_optimizer.step()                         # SGD with momentum / weight decay, lr
+
+Other parameters (BatchNorm, ...) keep their plain gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kfac2l.curvature import coarse as coarse_mod
+from kfac2l.curvature.coarse import (
+    COARSE_OPERATORS,
+    COARSE_SPACES,
+    CORRECTIONS,
+    KRYLOV_STARTS,
+    coarse_basis,
+    kronecker_coarse_operator,
+    nicolaides_sums,
+    solve_coarse,
+)
+from kfac2l.curvature.exact import natural_gradient
+from kfac2l.curvature.fisher import (
+    LayerGroup,
+    coarse_operator,
+    fisher_norm_sq,
+    fisher_vector_product,
+    group_layers,
+    layered_dot,
+    prolong,
+    restrict,
+)
+from kfac2l.curvature.kronecker import DAMPING_MODES, DampedKronecker, FactorState, batch_factors
+from kfac2l.curvature.layers import (
+    ForwardCapture,
+    grad_matrix,
+    layer_inputs,
+    layer_output_grads,
+    preconditioned_layers,
+    write_grad_matrix,
+)
+from kfac2l.curvature.likelihood import LIKELIHOODS, sample_targets, summed_nll
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not valid; choose one of {tuple(choices)}")
+
+
+class CurvaturePreconditioner:
+    """Common machinery: layer capture, the Fisher mini-batch, gradients in and out, KL-clipping.
+
+    Args:
+        model: the network; its nn.Linear and nn.Conv2d layers are preconditioned.
+        damping: lambda of F_bullet = F + lambda I (2.17), > 0.
+        lr: learning rate used by KL-clipping only (kept in sync by ``kfac2l.optim.Optimizer``).
+        kl_clip: if set, the step is scaled by min(1, sqrt(kl_clip / (lr^2 |<zeta, grad>|))).
+        diagnostics: record the last step's diagnostics (see ``diagnostics``).
+        exact_reference: with diagnostics, also compute the exact natural gradient on the Fisher
+            batch and the true F_bullet-distances to it.
+    """
+
+    needs_factors = True
+
+    def __init__(
+        self,
+        model: nn.Module,
+        damping: float = 1e-3,
+        lr: float = 1.0,
+        kl_clip: float | None = None,
+        diagnostics: bool = False,
+        exact_reference: bool = False,
+    ):
+        if not damping > 0:
+            raise ValueError(f"damping={damping!r} must be > 0")
+        if kl_clip is not None and not kl_clip > 0:
+            raise ValueError(f"kl_clip={kl_clip!r} must be > 0 or None")
+        self.model = model
+        self.layers = preconditioned_layers(model)
+        if not self.layers:
+            raise ValueError("the model has no nn.Linear or nn.Conv2d layer to precondition")
+        self.modules = [m for _, m in self.layers]
+        self.capture = ForwardCapture(self.modules)
+        self.damping = float(damping)
+        self.lr = float(lr)
+        self.kl_clip = kl_clip
+        self.track_diagnostics = bool(diagnostics or exact_reference)
+        self.exact_reference = bool(exact_reference)
+        self.steps = 0
+        self.groups: list[LayerGroup] | None = None
+        self._batch_step = -1
+        self._diag: dict[str, torch.Tensor] = {}
+
+    # ----------------------------------------------------------------- Fisher batch
+    def needs_curvature(self) -> bool:
+        """Whether the coming ``step()`` needs ``update_curvature`` to have been called first."""
+        return True
+
+    def update_curvature(
+        self,
+        output: torch.Tensor,
+        likelihood: str = "categorical",
+        targets: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        """Capture abar_i and g_i on the batch that produced ``output`` (eqs. 2.25-2.27, A2).
+
+        Targets are sampled from the model's predictive distribution unless given; the summed
+        negative log-likelihood is differentiated with respect to each layer's output.
+        """
+        _check_choice("likelihood", likelihood, LIKELIHOODS)
+        outputs = self.capture.outputs
+        missing = [name for (name, _), o in zip(self.layers, outputs) if o is None]
+        if missing:
+            raise RuntimeError(
+                f"no forward pass with gradients enabled was captured for layer(s) {missing}; "
+                "call update_curvature on the output of model(x) computed under torch.enable_grad()"
+            )
+        if targets is None:
+            targets = sample_targets(output, likelihood, generator)
+        nll = summed_nll(output, targets, likelihood)
+        grads = torch.autograd.grad(nll, outputs, retain_graph=True, allow_unused=True)
+        a_list, g_list = [], []
+        for module, x, out, go in zip(self.modules, self.capture.inputs, outputs, grads):
+            a_list.append(layer_inputs(module, x))
+            g_list.append(layer_output_grads(module, go if go is not None else torch.zeros_like(out)))
+        self.capture.clear()
+        self.groups = group_layers(a_list, g_list)
+        self._batch_step = self.steps
+        self._on_fisher_batch()
+
+    def _on_fisher_batch(self) -> None:
+        pass
+
+    def _fresh_groups(self) -> list[LayerGroup]:
+        if self.groups is None or self._batch_step != self.steps:
+            raise RuntimeError(
+                f"{type(self).__name__}.step() needs a Fisher batch from update_curvature() in the "
+                "same step (it uses the Fisher-vector product)"
+            )
+        return self.groups
+
+    # ----------------------------------------------------------------- gradients
+    def _gather(self) -> list[torch.Tensor]:
+        return [
+            torch.stack([grad_matrix(self.modules[i]) for i in grp.indices]).unsqueeze(1)
+            for grp in self.groups
+        ]
+
+    def _scatter(self, zeta: list[torch.Tensor]) -> None:
+        for grp, z in zip(self.groups, zeta):
+            for row, i in enumerate(grp.indices):
+                write_grad_matrix(self.modules[i], z[row, 0])
+
+    def _kl_clip(self, zeta: list[torch.Tensor], grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        if self.kl_clip is None:
+            return zeta
+        vg = layered_dot(zeta, grads).sum().abs()
+        nu = torch.sqrt(self.kl_clip / (self.lr**2 * vg)).clamp(max=1.0)
+        self._diag["kl_scale"] = nu.detach()
+        return [z * nu for z in zeta]
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """Replace ``.grad`` of the preconditioned layers by the step direction zeta."""
+        if self.groups is None:
+            raise RuntimeError(f"call {type(self).__name__}.update_curvature() before the first step()")
+        self._diag = {}
+        grads = self._gather()
+        zeta = self._direction(grads)
+        zeta = self._kl_clip(zeta, grads)
+        self._scatter(zeta)
+        self.steps += 1
+
+    def _direction(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    @property
+    def diagnostics(self) -> dict[str, float]:
+        """The last step's diagnostics as floats (reading them synchronises with the device).
+
+        gap: E(beta*) - E(0) of eq. (4.6) on the Fisher batch; with ``exact_reference``:
+        dist_kfac, dist_two_level (true squared F_bullet-distances to zeta = F_bullet^{-1} grad),
+        rel_dist_* (the same over ||zeta||^2_{F_bullet}), cos_kfac, cos_two_level (Euclidean cosine
+        similarity to zeta), coarse_solve_fallbacks, kl_scale.
+        """
+        return {k: float(v) for k, v in self._diag.items()}
+
+    def remove(self) -> None:
+        """Remove the forward hooks."""
+        self.capture.remove()
+
+    def _record_exact(self, groups, grads, candidates: dict[str, list[torch.Tensor]]) -> None:
+        zeta = natural_gradient(groups, grads, self.damping)
+        ref = fisher_norm_sq(groups, zeta, self.damping).sum()
+        ref_norm = layered_dot(zeta, zeta).sum().sqrt()
+        for name, z in candidates.items():
+            diff = [x - y for x, y in zip(z, zeta)]
+            dist = fisher_norm_sq(groups, diff, self.damping).sum()
+            self._diag[f"dist_{name}"] = dist
+            self._diag[f"rel_dist_{name}"] = dist / ref
+            cos = layered_dot(z, zeta).sum() / (layered_dot(z, z).sum().sqrt() * ref_norm)
+            self._diag[f"cos_{name}"] = cos
+
+
+class KFAC(CurvaturePreconditioner):
+    """KFAC (eqs. 2.25-2.31): zeta_KFAC = F_bullet KFAC^{-1} grad, layer by layer.
+
+    Args (besides those of ``CurvaturePreconditioner``):
+        damping_mode: 'pi' (eq. 2.30, default), 'factor' (lambda added to each factor, as the
+            authors' code did) or 'exact' ((A (x) G + lambda I)^{-1} in the eigenbasis).
+        ema_decay: moving-average weight cap; rho = min(1 - 1/k, ema_decay).
+        cov_interval: T_cov, refresh the factors every this many steps (1 in the library,
+            100 in the paper's runs).
+        inv_interval: T_inv, recompute the damped inverses every this many steps.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        damping: float = 1e-3,
+        damping_mode: str = "pi",
+        ema_decay: float = 0.95,
+        cov_interval: int = 1,
+        inv_interval: int = 1,
+        **kwargs,
+    ):
+        _check_choice("damping_mode", damping_mode, DAMPING_MODES)
+        for name, value in (("cov_interval", cov_interval), ("inv_interval", inv_interval)):
+            if int(value) != value or value < 1:
+                raise ValueError(f"{name}={value!r} must be a positive integer")
+        super().__init__(model, damping=damping, **kwargs)
+        self.damping_mode = damping_mode
+        self.ema_decay = ema_decay
+        self.cov_interval = int(cov_interval)
+        self.inv_interval = int(inv_interval)
+        self.factors: list[FactorState] | None = None
+        self.kron: list[DampedKronecker] | None = None
+        self._group_key = None
+        self._kron_damping = None
+
+    def needs_curvature(self) -> bool:
+        return self.factors is None or self.steps % self.cov_interval == 0
+
+    def _on_fisher_batch(self) -> None:
+        key = tuple(tuple(g.indices) for g in self.groups)
+        if key != self._group_key:
+            self.factors, self.kron, self._group_key = None, None, key
+        if self.factors is None:
+            self.factors = [FactorState(self.ema_decay) for _ in self.groups]
+        elif self.steps % self.cov_interval != 0:
+            return
+        for state, grp in zip(self.factors, self.groups):
+            state.update(*batch_factors(grp.a, grp.g))
+        self._on_factor_update()
+
+    def _on_factor_update(self) -> None:
+        pass
+
+    def _inverses(self) -> list[DampedKronecker]:
+        due = self.steps % self.inv_interval == 0 or self.kron is None or self._kron_damping != self.damping
+        if due:
+            self.kron = [DampedKronecker(f.A, f.G, self.damping, self.damping_mode) for f in self.factors]
+            self._kron_damping = self.damping
+        return self.kron
+
+    def _direction(self, grads):
+        kron = self._inverses()
+        zeta = [k.apply_inverse(g) for k, g in zip(kron, grads)]
+        if self.exact_reference:
+            self._record_exact(self._fresh_groups(), grads, {"kfac": zeta})
+        return zeta
+
+
+class TwoLevelKFAC(KFAC):
+    """Two-level KFAC: zeta_2L = zeta_KFAC + c R0^T beta (eqs. 3.9-3.15, 3.17, 4.7).
+
+    Args (besides those of ``KFAC``):
+        coarse_space: one of nicolaides, spectral, residual, krylov-nicolaides, krylov-residual,
+            taylor, full (see ``kfac2l.curvature.coarse``).
+        correction: 'multiplicative' (beta* = F_coarse^{-1} R0 r_KFAC, eq. 3.11, the paper's
+            method) or 'additive' (beta = F_coarse^{-1} R0 grad, eq. 4.7b).
+        coarse_operator: 'exact' (R0 F_bullet R0^T on the Fisher batch, A15-A16) or 'kronecker'
+            (the cross-layer Kronecker approximation (3.18) of Tselepidis et al.; Nicolaides only).
+        coarse_scale: c, scale of the correction (1 = the paper's method).
+        taylor_order: q of the Taylor space (3.36-3.38).
+        krylov_start: start vector of the Krylov residual space, 'preconditioned' or 'raw'.
+
+    The coarse operator and the residual are computed every step from the Fisher batch of that
+    step, so the two are always consistent (unlike the authors' code).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        coarse_space: str = "residual",
+        correction: str = "multiplicative",
+        coarse_operator: str = "exact",
+        coarse_scale: float = 1.0,
+        taylor_order: int = 2,
+        krylov_start: str = "preconditioned",
+        **kwargs,
+    ):
+        _check_choice("coarse_space", coarse_space, COARSE_SPACES)
+        _check_choice("correction", correction, CORRECTIONS)
+        _check_choice("coarse_operator", coarse_operator, COARSE_OPERATORS)
+        _check_choice("krylov_start", krylov_start, KRYLOV_STARTS)
+        if coarse_operator == "kronecker" and coarse_space != "nicolaides":
+            raise ValueError(
+                f"coarse_operator='kronecker' (eq. 3.18) is defined for coarse_space='nicolaides' only, "
+                f"not {coarse_space!r}"
+            )
+        if int(taylor_order) != taylor_order or taylor_order < 1:
+            raise ValueError(f"taylor_order={taylor_order!r} must be a positive integer")
+        super().__init__(model, **kwargs)
+        self.coarse_space = coarse_space
+        self.correction = correction
+        self.coarse_operator_kind = coarse_operator
+        self.coarse_scale = float(coarse_scale)
+        self.taylor_order = int(taylor_order)
+        self.krylov_start = krylov_start
+        self._cross = None
+
+    def needs_curvature(self) -> bool:
+        if self.coarse_operator_kind == "kronecker" and not self.track_diagnostics:
+            return super().needs_curvature()
+        return True
+
+    def _on_factor_update(self) -> None:
+        if self.coarse_operator_kind != "kronecker":
+            return
+        sums = [nicolaides_sums(grp.a, grp.g) for grp in self.groups]
+        alpha = torch.cat([s[0] for s in sums])  # (m, B)
+        gamma = torch.cat([s[1] for s in sums])
+        batch = alpha.shape[1]
+        cross_a = (alpha @ alpha.T / batch).double()
+        cross_g = (gamma @ gamma.T / batch).double()
+        if self._cross is None:
+            self._cross = [cross_a, cross_g]
+        else:
+            rho = min(1.0 - 1.0 / self.factors[0].updates, self.ema_decay)
+            for old, new in zip(self._cross, (cross_a, cross_g)):
+                old.mul_(rho).add_(new, alpha=1.0 - rho)
+
+    def _shapes(self, grads):
+        return [(g.shape[0], g.shape[2], g.shape[3]) for g in grads]
+
+    def _direction(self, grads):
+        kron = self._inverses()
+        zeta_kfac = [k.apply_inverse(g) for k, g in zip(kron, grads)]
+        lam = self.damping
+        residual = None
+        if self.coarse_operator_kind == "kronecker":
+            basis = coarse_basis("nicolaides", kron, self._shapes(grads), like=grads[0])
+            diagonal = torch.cat([k.ones_sum() for k in kron]).double()
+            scale = torch.cat([torch.full((s[0],), float(s[1] * s[2])) for s in self._shapes(grads)])
+            # basis columns are unit-normalised: 1/sqrt(p_i) * ones, hence the 1/p_i rescaling
+            scale = scale.to(diagonal.device, diagonal.dtype).rsqrt()
+            op = kronecker_coarse_operator(*self._cross, diagonal) * scale[:, None] * scale[None, :]
+        else:
+            groups = self._fresh_groups()
+            need_residual = self.correction == "multiplicative" or coarse_mod.uses_residual(self.coarse_space)
+            if need_residual:
+                fz = fisher_vector_product(groups, zeta_kfac, lam)
+                residual = [g - f for g, f in zip(grads, fz)]
+            precond_res = None
+            if coarse_mod.uses_residual(self.coarse_space):
+                precond_res = [k.apply_inverse(r) for k, r in zip(kron, residual)]
+            basis = coarse_basis(
+                self.coarse_space,
+                kron,
+                self._shapes(grads),
+                precond_residual=precond_res,
+                residual=residual,
+                fvp=lambda u: fisher_vector_product(groups, u, lam),
+                taylor_order=self.taylor_order,
+                krylov_start=self.krylov_start,
+                like=grads[0],
+            )
+            op = coarse_operator(groups, basis, lam)
+        source = residual if self.correction == "multiplicative" else grads
+        beta, failed = solve_coarse(op, restrict(basis, source).double())
+        beta = self.coarse_scale * beta
+        correction = prolong(basis, beta)
+        zeta = [z + c for z, c in zip(zeta_kfac, correction)]
+        if self.track_diagnostics:
+            self._record_gap(grads, zeta_kfac, basis, beta, op, residual)
+            self._diag["coarse_solve_fallbacks"] = failed
+            if self.exact_reference:
+                self._record_exact(self._fresh_groups(), grads, {"kfac": zeta_kfac, "two_level": zeta})
+        return zeta
+
+    def _record_gap(self, grads, zeta_kfac, basis, beta, op, residual) -> None:
+        """E(beta) - E(0) = <F_coarse beta, beta> - 2 <R0^T beta, r_KFAC> (eq. 4.6), with the
+        exact F_coarse on the Fisher batch even when beta came from the Kronecker operator."""
+        groups = self._fresh_groups()
+        if self.coarse_operator_kind == "kronecker":
+            op = coarse_operator(groups, basis, self.damping)
+        if residual is None:
+            fz = fisher_vector_product(groups, zeta_kfac, self.damping)
+            residual = [g - f for g, f in zip(grads, fz)]
+        gap = beta @ op @ beta - 2 * (restrict(basis, residual).double() @ beta)
+        self._diag["gap"] = gap
+
+
+class ExactNGD(CurvaturePreconditioner):
+    """The exact regularised natural gradient zeta = F_bullet^{-1} grad (3.2) on the Fisher batch,
+    through the Woodbury identity on the B x B Gram matrix of per-sample gradients."""
+
+    def _direction(self, grads):
+        return natural_gradient(self._fresh_groups(), grads, self.damping)

@@ -1,0 +1,144 @@
+"""One registry of optimisers by name (the paper's legend names in lower case).
+
+``make_optimizer(name, model, lr=..., damping=..., ...)`` returns an ``Optimizer``: a base
+torch optimiser (SGD with momentum 0.9 and weight decay, or Adam) plus, for the natural-gradient
+family, a preconditioner applied to the gradients before the base step. As in the paper's runs,
+weight decay is added by the base optimiser after preconditioning and KL-clipping.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from kfac2l.optim.preconditioner import KFAC, CurvaturePreconditioner, ExactNGD, TwoLevelKFAC
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """How a registry name is built: preconditioner class and its fixed options."""
+
+    preconditioner: type | None
+    fixed: dict = field(default_factory=dict)
+    base: str = "sgd"
+    label: str = ""
+
+
+REGISTRY: dict[str, OptimizerSpec] = {
+    "sgd": OptimizerSpec(None, label="SGD"),
+    "adam": OptimizerSpec(None, base="adam", label="ADAM"),
+    "kfac": OptimizerSpec(KFAC, label="KFAC"),
+    "nico": OptimizerSpec(TwoLevelKFAC, {"coarse_space": "nicolaides"}, label="NICO"),
+    "spectral": OptimizerSpec(TwoLevelKFAC, {"coarse_space": "spectral"}, label="SPECTRAL"),
+    "residu": OptimizerSpec(TwoLevelKFAC, {"coarse_space": "residual"}, label="RESIDU"),
+    "kry-nico": OptimizerSpec(TwoLevelKFAC, {"coarse_space": "krylov-nicolaides"}, label="KRY-NICO"),
+    "kry-residu": OptimizerSpec(TwoLevelKFAC, {"coarse_space": "krylov-residual"}, label="KRY-RESIDU"),
+    "previous": OptimizerSpec(
+        TwoLevelKFAC,
+        {"coarse_space": "nicolaides", "correction": "additive", "coarse_operator": "kronecker"},
+        label="PREVIOUS",
+    ),
+    "taylor": OptimizerSpec(TwoLevelKFAC, {"coarse_space": "taylor"}, label="TAYLOR"),
+    "ngd": OptimizerSpec(ExactNGD, label="NGD"),
+}
+
+OPTIMIZERS = tuple(REGISTRY)
+TWO_LEVEL = ("nico", "spectral", "residu", "kry-nico", "kry-residu", "previous", "taylor")
+
+_COMMON = {"lr", "weight_decay", "momentum"}
+_CURVATURE = {"damping", "kl_clip", "diagnostics", "exact_reference"}
+_KFAC = {"damping_mode", "ema_decay", "cov_interval", "inv_interval"}
+_TWO_LEVEL = {"correction", "coarse_operator", "coarse_scale", "taylor_order", "krylov_start"}
+_ADAM = {"lr", "weight_decay", "betas", "eps"}
+
+
+def valid_options(name: str) -> set[str]:
+    """The keyword options ``make_optimizer`` accepts for ``name``."""
+    spec = _spec(name)
+    if spec.base == "adam":
+        return set(_ADAM)
+    if spec.preconditioner is None:
+        return set(_COMMON)
+    opts = _COMMON | _CURVATURE
+    if issubclass(spec.preconditioner, KFAC):
+        opts |= _KFAC
+    if spec.preconditioner is TwoLevelKFAC:
+        opts |= _TWO_LEVEL - set(spec.fixed)
+    return opts
+
+
+def _spec(name: str) -> OptimizerSpec:
+    if name not in REGISTRY:
+        raise ValueError(f"unknown optimizer {name!r}; valid names: {', '.join(OPTIMIZERS)}")
+    return REGISTRY[name]
+
+
+class Optimizer:
+    """A base torch optimiser with an optional curvature preconditioner in front of it."""
+
+    def __init__(self, name: str, base: torch.optim.Optimizer, preconditioner: CurvaturePreconditioner | None):
+        self.name = name
+        self.base = base
+        self.preconditioner = preconditioner
+
+    @property
+    def lr(self) -> float:
+        return self.base.param_groups[0]["lr"]
+
+    def needs_curvature(self) -> bool:
+        """Whether this step needs a Fisher batch (``update_curvature``) before ``step``."""
+        return self.preconditioner is not None and self.preconditioner.needs_curvature()
+
+    def update_curvature(self, output, likelihood="categorical", targets=None, generator=None) -> None:
+        if self.preconditioner is not None:
+            self.preconditioner.update_curvature(output, likelihood, targets, generator)
+
+    def zero_grad(self) -> None:
+        self.base.zero_grad(set_to_none=True)
+
+    def step(self) -> None:
+        if self.preconditioner is not None:
+            self.preconditioner.lr = self.lr
+            self.preconditioner.step()
+        self.base.step()
+
+    @property
+    def diagnostics(self) -> dict[str, float]:
+        return self.preconditioner.diagnostics if self.preconditioner is not None else {}
+
+    def state_dict(self) -> dict:
+        return self.base.state_dict()
+
+
+def make_optimizer(name: str, model: nn.Module, lr: float, **options) -> Optimizer:
+    """Build the optimiser ``name`` (one of ``OPTIMIZERS``) for ``model``.
+
+    Common options: weight_decay (1e-3), momentum (0.9, SGD-based only). Curvature options:
+    damping (required), kl_clip, diagnostics, exact_reference, and for the KFAC family
+    damping_mode, ema_decay, cov_interval, inv_interval; two-level: correction, coarse_operator,
+    coarse_scale, taylor_order, krylov_start (those a name fixes cannot be overridden).
+    """
+    spec = _spec(name)
+    allowed = valid_options(name) - {"lr"}
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise ValueError(
+            f"option(s) {unknown} do not apply to optimizer {name!r}; valid options: {sorted(allowed)}"
+        )
+    if not lr > 0:
+        raise ValueError(f"lr={lr!r} must be > 0")
+    weight_decay = options.pop("weight_decay", 1e-3)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if spec.base == "adam":
+        base = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, **options)
+        return Optimizer(name, base, None)
+    momentum = options.pop("momentum", 0.9)
+    base = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if spec.preconditioner is None:
+        return Optimizer(name, base, None)
+    if "damping" not in options:
+        raise ValueError(f"optimizer {name!r} needs a damping value (damping=...)")
+    pre = spec.preconditioner(model, lr=lr, **spec.fixed, **options)
+    return Optimizer(name, base, pre)

@@ -1,0 +1,293 @@
+"""Every curvature quantity against an explicit float64 construction (kfac2l.dense)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import Problem
+from torch import nn
+
+import kfac2l
+import kfac2l.dense as dense
+from kfac2l.curvature.fisher import coarse_operator, fisher_vector_product, group_layers
+from kfac2l.curvature.kronecker import FactorState, batch_factors
+from kfac2l.curvature.layers import layer_inputs, layer_output_grads
+from kfac2l.curvature.likelihood import summed_nll
+
+SPACES = ["nicolaides", "spectral", "residual", "krylov-nicolaides", "krylov-residual", "taylor"]
+LAM = 0.1
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        dict(in_channels=2, out_channels=3, kernel_size=3),
+        dict(in_channels=2, out_channels=3, kernel_size=3, stride=2, padding=1),
+        dict(in_channels=2, out_channels=2, kernel_size=(2, 3), stride=(1, 2), padding=(1, 0), bias=False),
+        dict(in_channels=2, out_channels=3, kernel_size=3, dilation=2, padding=2),
+        dict(in_channels=2, out_channels=3, kernel_size=3, padding="valid"),
+    ],
+)
+def test_conv_patches_match_explicit_loops(conv):
+    torch.manual_seed(0)
+    layer = nn.Conv2d(**conv).double()
+    x = torch.randn(3, 2, 7, 6, dtype=torch.float64)
+    assert rel(layer_inputs(layer, x), dense.explicit_patches(layer, x)) < 1e-14
+    # the patches reproduce the convolution itself: W [[A]] = S (eq. 2.6)
+    a = layer_inputs(layer, x)
+    w = layer.weight.reshape(layer.out_channels, -1)
+    if layer.bias is not None:
+        w = torch.cat([w, layer.bias[:, None]], 1)
+    out = layer(x)
+    assert rel(a @ w.T, layer_output_grads(layer, out)) < 1e-13
+
+
+def test_conv_same_padding_reproduces_convolution():
+    torch.manual_seed(0)
+    layer = nn.Conv2d(2, 3, 4, padding="same").double()
+    x = torch.randn(2, 2, 5, 5, dtype=torch.float64)
+    w = torch.cat([layer.weight.reshape(3, -1), layer.bias[:, None]], 1)
+    assert rel(layer_inputs(layer, x) @ w.T, layer_output_grads(layer, layer(x))) < 1e-13
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_kronecker_factors_match_explicit_sums(kind):
+    p = Problem(kind)
+    data = dense.layer_data(p.model, p.x, p.targets, p.likelihood)
+    groups = group_layers([a for a, _ in data], [g for _, g in data])
+    for grp in groups:
+        A, G = batch_factors(grp.a, grp.g)
+        for row, i in enumerate(grp.indices):
+            A_ref, G_ref = dense.explicit_factors(*data[i])
+            assert rel(A[row], A_ref) < 1e-13 and rel(G[row], G_ref) < 1e-13
+
+
+@pytest.mark.parametrize("likelihood", ["categorical", "bernoulli", "gaussian"])
+def test_kfac_block_is_exact_fisher_block_for_one_sample(likelihood):
+    """A single sample through a Linear layer: A (x) G equals the exact Fisher block (2.24-2.25)."""
+    p = Problem("mlp", batch=1, likelihood=likelihood)
+    J = dense.per_sample_jacobian(p.model, p.x, p.targets, likelihood)
+    fisher = J.T @ J
+    data = dense.layer_data(p.model, p.x, p.targets, likelihood)
+    for (sl, O, I), (a, g) in zip(dense.layer_slices(p.model), data):
+        A, G = batch_factors(a.unsqueeze(0), g.unsqueeze(0))
+        assert rel(torch.kron(G[0], A[0]), fisher[sl, sl]) < 1e-12
+
+
+def test_moving_average_weights():
+    state = FactorState(decay=0.95)
+    mats = [torch.full((1, 2, 2), float(k)) for k in (1, 2, 3)]
+    state.update(mats[0], mats[0])
+    assert torch.allclose(state.A, mats[0])
+    state.update(mats[1], mats[1])  # rho = min(1 - 1/2, 0.95) = 0.5
+    assert torch.allclose(state.A, torch.full((1, 2, 2), 1.5))
+    state.update(mats[2], mats[2])  # rho = 2/3
+    assert torch.allclose(state.A, torch.full((1, 2, 2), 1.5 * 2 / 3 + 3 / 3))
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+@pytest.mark.parametrize("mode", ["pi", "factor", "exact"])
+def test_kfac_step_matches_dense(kind, mode):
+    p = Problem(kind)
+    grad, _, kfac, _ = p.dense(LAM, mode)
+    step = p.run(kfac2l.KFAC(p.model, damping=LAM, damping_mode=mode))
+    assert rel(p.grad, grad) < 1e-13
+    assert rel(step, torch.linalg.solve(kfac, grad)) < 1e-10
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_fisher_vector_product_matches_dense(kind):
+    p = Problem(kind)
+    _, fisher, _, data = p.dense(LAM)
+    groups = group_layers([a for a, _ in data], [g for _, g in data])
+    slices = dense.layer_slices(p.model)
+    u = torch.randn(3, fisher.shape[0], dtype=torch.float64)
+    layered = []
+    for grp in groups:
+        layered.append(torch.stack([u[:, slices[i][0]].reshape(3, slices[i][1], slices[i][2]) for i in grp.indices]))
+    out = fisher_vector_product(groups, layered, LAM)
+    flat = torch.zeros_like(u)
+    for grp, o in zip(groups, out):
+        for row, i in enumerate(grp.indices):
+            flat[:, slices[i][0]] = o[row].reshape(3, -1)
+    assert rel(flat, u @ fisher.T) < 1e-12
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_coarse_operator_matches_dense(kind):
+    """F_coarse = R0 F_bullet R0^T including the lambda V_i^T V_j terms (A15-A16)."""
+    p = Problem(kind)
+    _, fisher, _, data = p.dense(LAM)
+    groups = group_layers([a for a, _ in data], [g for _, g in data])
+    slices = dense.layer_slices(p.model)
+    gen = torch.Generator().manual_seed(5)
+    basis = [torch.randn(len(g.indices), 2, g.g.shape[-1], g.a.shape[-1], generator=gen, dtype=torch.float64) for g in groups]
+    cols = []
+    for grp, v in zip(groups, basis):
+        for row, i in enumerate(grp.indices):
+            for k in range(2):
+                c = torch.zeros(fisher.shape[0], dtype=torch.float64)
+                c[slices[i][0]] = v[row, k].reshape(-1)
+                cols.append(c)
+    r0t = torch.stack(cols, 1)
+    assert rel(coarse_operator(groups, basis, LAM), r0t.T @ fisher @ r0t) < 1e-12
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+@pytest.mark.parametrize("space", SPACES)
+@pytest.mark.parametrize("correction", ["multiplicative", "additive"])
+def test_two_level_step_matches_dense(kind, space, correction):
+    p = Problem(kind)
+    grad, fisher, kfac, data = p.dense(LAM)
+    pre = kfac2l.TwoLevelKFAC(p.model, coarse_space=space, correction=correction, damping=LAM)
+    step = p.run(pre)
+    basis = dense.explicit_coarse_basis(space, p.model, data, kfac, fisher, grad, LAM, "pi")
+    assert rel(step, dense.two_level_step(kfac, fisher, grad, basis, correction)) < 1e-9
+
+
+@pytest.mark.parametrize("mode", ["factor", "exact"])
+@pytest.mark.parametrize("space", ["spectral", "krylov-residual", "taylor"])
+def test_two_level_other_damping_modes(mode, space):
+    p = Problem("cnn", likelihood="categorical")
+    grad, fisher, kfac, data = p.dense(LAM, mode)
+    step = p.run(kfac2l.TwoLevelKFAC(p.model, coarse_space=space, damping=LAM, damping_mode=mode))
+    basis = dense.explicit_coarse_basis(space, p.model, data, kfac, fisher, grad, LAM, mode)
+    assert rel(step, dense.two_level_step(kfac, fisher, grad, basis)) < 1e-9
+
+
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
+def test_two_level_other_likelihoods(likelihood):
+    p = Problem("mlp", likelihood=likelihood)
+    grad, fisher, kfac, data = p.dense(LAM)
+    step = p.run(kfac2l.TwoLevelKFAC(p.model, coarse_space="krylov-nicolaides", damping=LAM))
+    basis = dense.explicit_coarse_basis("krylov-nicolaides", p.model, data, kfac, fisher, grad, LAM, "pi")
+    assert rel(step, dense.two_level_step(kfac, fisher, grad, basis)) < 1e-9
+
+
+def test_spectral_vector_is_smallest_eigenvector_in_vec_order():
+    p = Problem("cnn")
+    _, _, kfac, _ = p.dense(LAM)
+    pre = kfac2l.TwoLevelKFAC(p.model, coarse_space="spectral", damping=LAM)
+    p.run(pre)
+    slices = dense.layer_slices(p.model)
+    for grp, k in zip(pre.groups, pre.kron):
+        vecs = k.smallest_eigenvector()
+        for row, i in enumerate(grp.indices):
+            sl = slices[i][0]
+            v = vecs[row].reshape(-1)
+            block = kfac[sl, sl]
+            smallest = torch.linalg.eigvalsh(block)[0]
+            assert rel(block @ v, smallest * v) < 1e-10
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_full_coarse_space_gives_exact_natural_gradient(kind):
+    p = Problem(kind)
+    grad, fisher, _, _ = p.dense(LAM)
+    step = p.run(kfac2l.TwoLevelKFAC(p.model, coarse_space="full", damping=LAM))
+    assert rel(step, torch.linalg.solve(fisher, grad)) < 1e-9
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+@pytest.mark.parametrize("batch", [1, 3, 8])
+def test_exact_natural_gradient_matches_dense(kind, batch):
+    p = Problem(kind, batch=batch)
+    grad, fisher, _, _ = p.dense(LAM)
+    step = p.run(kfac2l.ExactNGD(p.model, damping=LAM))
+    assert rel(step, torch.linalg.solve(fisher, grad)) < 1e-9
+
+
+def test_previous_matches_dense_kronecker_coarse_operator():
+    p = Problem("mlp")
+    grad, fisher, kfac, data = p.dense(LAM)
+    pre = kfac2l.TwoLevelKFAC(p.model, coarse_space="nicolaides", correction="additive",
+                              coarse_operator="kronecker", damping=LAM)
+    step = p.run(pre)
+    basis = dense.explicit_coarse_basis("nicolaides", p.model, data, kfac, fisher, grad, LAM, "pi")
+    op = dense.previous_coarse_operator(data, LAM, "pi")
+    assert rel(step, dense.two_level_step(kfac, fisher, grad, basis, "additive", op)) < 1e-10
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("space", SPACES)
+def test_multiplicative_never_increases_error_and_gap_is_true_difference(seed, space):
+    """(3.19) holds, and eq. (4.6) equals E(beta*) - E(0) computed with the exact step."""
+    p = Problem("cnn" if seed % 2 else "mlp", seed=seed)
+    grad, fisher, kfac, _ = p.dense(LAM)
+    pre = kfac2l.TwoLevelKFAC(p.model, coarse_space=space, damping=LAM, exact_reference=True)
+    step = p.run(pre)
+    d = pre.diagnostics
+    exact = torch.linalg.solve(fisher, grad)
+    zk = torch.linalg.solve(kfac, grad)
+    e0 = (zk - exact) @ fisher @ (zk - exact)
+    e1 = (step - exact) @ fisher @ (step - exact)
+    assert e1 <= e0 * (1 + 1e-12)
+    assert d["dist_two_level"] <= d["dist_kfac"] * (1 + 1e-12)
+    assert abs(d["dist_kfac"] - e0.item()) < 1e-9 * e0.item()
+    assert abs(d["dist_two_level"] - e1.item()) < 1e-9 * max(e0.item(), 1e-12)
+    assert abs(d["gap"] - (e1 - e0).item()) < 1e-9 * e0.item()
+
+
+def test_additive_gap_is_true_difference():
+    p = Problem("mlp")
+    pre = kfac2l.TwoLevelKFAC(p.model, coarse_space="residual", correction="additive", damping=LAM,
+                              exact_reference=True)
+    p.run(pre)
+    d = pre.diagnostics
+    assert abs(d["gap"] - (d["dist_two_level"] - d["dist_kfac"])) < 1e-9 * d["dist_kfac"]
+
+
+def test_coarse_scale_scales_the_correction():
+    grads = []
+    for c in (1.0, 0.5, 0.0):
+        p = Problem("mlp")
+        grads.append(p.run(kfac2l.TwoLevelKFAC(p.model, coarse_space="residual", damping=LAM, coarse_scale=c)))
+    assert rel(grads[1], 0.5 * (grads[0] + grads[2])) < 1e-12
+    p = Problem("mlp")
+    assert rel(grads[2], p.run(kfac2l.KFAC(p.model, damping=LAM))) < 1e-12
+
+
+def test_batchnorm_keeps_plain_gradient_and_intervals():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Linear(5, 3))
+    pre = kfac2l.KFAC(model, damping=0.1, cov_interval=3, inv_interval=3)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    pattern = []
+    for _ in range(6):
+        pattern.append(pre.needs_curvature())
+        model.zero_grad()
+        if pattern[-1]:
+            pre.update_curvature(model(x))
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        bn_grad = model[1].weight.grad.clone()
+        pre.step()
+        assert torch.equal(model[1].weight.grad, bn_grad)
+    assert pattern == [True, False, False, True, False, False]
+
+
+def test_two_level_requires_fresh_fisher_batch():
+    p = Problem("mlp")
+    pre = kfac2l.TwoLevelKFAC(p.model, damping=LAM)
+    p.run(pre)
+    loss = summed_nll(p.model(p.x), p.labels, p.likelihood)
+    loss.backward()
+    with pytest.raises(RuntimeError, match="update_curvature"):
+        pre.step()
+
+
+def test_singular_coarse_operator_falls_back_without_nan():
+    """Exact damping makes 1 an eigenvector of the softmax output layer's block, so the Krylov
+    Nicolaides columns are collinear: the solve must fall back and still give a finite step."""
+    p = Problem("mlp")
+    grad, fisher, kfac, data = p.dense(LAM, "exact")
+    pre = kfac2l.TwoLevelKFAC(p.model, coarse_space="krylov-nicolaides", damping=LAM, damping_mode="exact",
+                              diagnostics=True)
+    step = p.run(pre)
+    assert torch.isfinite(step).all()
+    basis = dense.explicit_coarse_basis("krylov-nicolaides", p.model, data, kfac, fisher, grad, LAM, "exact")
+    assert rel(step, dense.two_level_step(kfac, fisher, grad, basis)) < 1e-6
