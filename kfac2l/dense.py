@@ -14,7 +14,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from kfac2l.curvature.layers import matrix_shape, preconditioned_layers
-from kfac2l.curvature.likelihood import summed_nll
+from kfac2l.curvature.likelihood import sample_targets, summed_nll
 
 
 def layer_slices(model: nn.Module) -> list[tuple[slice, int, int]]:
@@ -190,3 +190,69 @@ def previous_coarse_operator(data, damping: float, mode: str) -> torch.Tensor:
                 block = torch.kron(Gij, Aij)
             op[i, j] = block.sum()
     return op
+
+
+# --------------------------------------------------------------------------- tiny problems
+
+
+def tiny_mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3, bias=False), nn.Tanh(), nn.Linear(3, 3)
+    ).double()
+
+
+def tiny_cnn(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 3, stride=2, padding=1),
+        nn.Tanh(),
+        nn.Conv2d(3, 2, 2, bias=False, dilation=1),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(2 * 2 * 2, 3),
+    ).double()
+
+
+def tiny_inputs(kind: str, batch: int, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    shape = (batch, 5) if kind == "mlp" else (batch, 2, 5, 5)
+    return torch.randn(shape, generator=g, dtype=torch.float64)
+
+
+class Problem:
+    """A tiny network, a Fisher batch with fixed sampled targets and a training gradient."""
+
+    def __init__(self, kind: str = "mlp", batch: int = 6, likelihood: str = "categorical", seed: int = 0):
+        self.model = tiny_mlp(seed) if kind == "mlp" else tiny_cnn(seed)
+        self.x = tiny_inputs(kind, batch, seed + 1)
+        self.likelihood = likelihood
+        gen = torch.Generator().manual_seed(seed + 2)
+        with torch.no_grad():
+            out = self.model(self.x)
+        self.targets = sample_targets(out, likelihood, gen)
+        self.labels = sample_targets(out, likelihood, torch.Generator().manual_seed(seed + 3))
+
+    def run(self, pre) -> torch.Tensor:
+        """update_curvature, backward of the mean training loss, pre.step(); returns flat step."""
+        self.model.zero_grad()
+        out = self.model(self.x)
+        pre.update_curvature(out, self.likelihood, targets=self.targets)
+        loss = summed_nll(out, self.labels, self.likelihood) / self.x.shape[0]
+        loss.backward()
+        self.grad = flat_grad(self.model).clone()
+        pre.step()
+        return flat_grad(self.model)
+
+    def dense(self, damping: float, mode: str = "pi"):
+        """(grad, F_bullet, F_bullet KFAC, layer data) by explicit construction."""
+        self.model.zero_grad()
+        out = self.model(self.x)
+        (summed_nll(out, self.labels, self.likelihood) / self.x.shape[0]).backward()
+        grad = flat_grad(self.model).clone()
+        self.model.zero_grad()
+        J = per_sample_jacobian(self.model, self.x, self.targets, self.likelihood)
+        fisher = J.T @ J / J.shape[0] + damping * torch.eye(J.shape[1], dtype=J.dtype)
+        data = layer_data(self.model, self.x, self.targets, self.likelihood)
+        kfac = block_diag_kfac(data, damping, mode)
+        return grad, fisher, kfac, data

@@ -328,6 +328,7 @@ class TwoLevelKFAC(KFAC):
         self.taylor_order = int(taylor_order)
         self.krylov_start = krylov_start
         self._cross = None
+        self._static_basis, self._static_basis_for = None, None
 
     def needs_curvature(self) -> bool:
         if self.coarse_operator_kind == "kronecker" and not self.track_diagnostics:
@@ -374,7 +375,10 @@ class TwoLevelKFAC(KFAC):
             precond_res = None
             if coarse_mod.uses_residual(self.coarse_space):
                 precond_res = [k.apply_inverse(r) for k, r in zip(kron, residual)]
-            basis = coarse_basis(
+                basis = None
+            else:  # nicolaides, spectral, krylov-nicolaides: fixed until the inverses change
+                basis = self._static_basis if self._static_basis_for is kron else None
+            basis = basis or coarse_basis(
                 self.coarse_space,
                 kron,
                 self._shapes(grads),
@@ -385,6 +389,8 @@ class TwoLevelKFAC(KFAC):
                 krylov_start=self.krylov_start,
                 like=grads[0],
             )
+            if not coarse_mod.uses_residual(self.coarse_space):
+                self._static_basis, self._static_basis_for = basis, kron
             op = coarse_operator(groups, basis, lam)
         source = residual if self.correction == "multiplicative" else grads
         beta, failed = solve_coarse(op, restrict(basis, source).double())

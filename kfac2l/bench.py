@@ -1,0 +1,170 @@
+"""Per-step time and peak memory of every optimiser on the paper's architectures.
+
+    python -m kfac2l.bench [--problems mnist_ae cuda_convnet] [--optimizers ...] [--json]
+
+For each problem and schedule it times full training steps (Fisher pass when due, forward,
+backward, preconditioning, base step) with synthetic inputs of the problem's shape, and prints
+the median step time after warm-up and its ratios to SGD and to KFAC at the same schedule.
+
+Schedules:
+  paper       T_cov = T_inv = 100 (KFAC refreshes every 100 steps; the two-level coarse
+              correction is computed every step from a fresh Fisher batch of B/4 samples). The
+              median step is a non-refresh step; ``amortised`` adds 1/100 of a refresh step.
+  every-step  T_cov = T_inv = 1 (everything refreshed every step).
+
+Each (problem, optimiser) runs in its own process so that peak memory is its own: CUDA peak
+allocated memory on a GPU, peak resident set size (whole process, incl. model and data) on CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from kfac2l.models import MODELS, build_model
+from kfac2l.optim import OPTIMIZERS, make_optimizer
+from kfac2l.optim.step import get_task, training_step
+
+PROBLEMS = {
+    # name: (model, task, batch size, classes)
+    "mnist_ae": ("mnist_ae", "bernoulli_autoencoder", 512),
+    "curves_ae": ("curves_ae", "bernoulli_autoencoder", 256),
+    "faces_ae": ("faces_ae", "gaussian_autoencoder", 1024),
+    "cuda_convnet": ("cuda_convnet", "classification", 256),
+    "resnet18": ("resnet18", "classification", 128),
+    "resnet34": ("resnet34", "classification", 512),
+    "deep_linear_a": ("deep_linear_a", "classification", 512),
+    "deep_linear_b": ("deep_linear_b", "classification", 512),
+}
+SCHEDULES = {"paper": 100, "every-step": 1}
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_worker(problem: str, optimizer: str, device: str, steps: int, warmup: int, batch: int | None) -> dict:
+    """Time one optimiser on one problem at both schedules (in this process)."""
+    dev = torch.device(device)
+    model_name, task_name, default_batch = PROBLEMS[problem]
+    batch = batch or default_batch
+    task = get_task(task_name)
+    spec = MODELS[model_name]
+    torch.manual_seed(0)
+    x = torch.rand(batch, *spec.input_shape, device=dev)
+    y = None if task.autoencoder else torch.randint(0, spec.num_outputs, (batch,), device=dev)
+    result = {"problem": problem, "optimizer": optimizer, "batch": batch, "device": device}
+    for schedule, interval in SCHEDULES.items():
+        model = build_model(model_name, seed=0).to(dev)
+        opts = {}
+        if optimizer not in ("sgd", "adam"):
+            opts["damping"] = 1e-1
+            if optimizer != "ngd":
+                opts.update(cov_interval=interval, inv_interval=interval)
+        opt = make_optimizer(optimizer, model, lr=1e-3, **opts)
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        times, refresh = [], None
+        for k in range(warmup + steps):
+            _sync(dev)
+            t0 = time.perf_counter()
+            training_step(model, opt, task, x, y)
+            _sync(dev)
+            dt = time.perf_counter() - t0
+            if k == 0:
+                refresh = dt  # step 0 refreshes factors and inverses (includes first-call overheads)
+            if k >= warmup:
+                times.append(dt)
+        median = statistics.median(times)
+        result[schedule] = {
+            "median_s": median,
+            "refresh_s": refresh,
+            "amortised_s": median + (refresh - median) / interval if interval > 1 else median,
+        }
+    if dev.type == "cuda":
+        result["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        result["peak_mem_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return result
+
+
+def _spawn(problem, optimizer, args) -> dict:
+    cmd = [sys.executable, "-m", "kfac2l.bench", "--worker", problem, optimizer, "--device", args.device,
+           "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    if args.batch:
+        cmd += ["--batch", str(args.batch)]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+    if out.returncode != 0:
+        raise RuntimeError(f"bench worker {problem}/{optimizer} failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def ratios(rows: list[dict]) -> list[dict]:
+    """Add step-time ratios to SGD and to KFAC (same problem, same schedule)."""
+    by = {(r["problem"], r["optimizer"]): r for r in rows}
+    for r in rows:
+        for schedule in SCHEDULES:
+            s = r[schedule]
+            for ref in ("sgd", "kfac"):
+                other = by.get((r["problem"], ref))
+                if other:
+                    s[f"vs_{ref}"] = s["median_s"] / other[schedule]["median_s"]
+                    s[f"amortised_vs_{ref}"] = s["amortised_s"] / other[schedule]["amortised_s"]
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    dev = rows[0]["device"] if rows else "?"
+    name = torch.cuda.get_device_name(0) if dev.startswith("cuda") else f"CPU ({os.cpu_count()} cores)"
+    print(f"device: {name}; synthetic inputs of each problem's real shape; median step after warm-up")
+    head = (f"{'problem':13} {'batch':>5} {'optimizer':10} | {'paper ms':>9} {'/SGD':>5} {'/KFAC':>6} {'amort/KFAC':>10}"
+            f" | {'every ms':>9} {'/SGD':>5} {'/KFAC':>6} | {'peak MB':>8}")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        p, e = r["paper"], r["every-step"]
+        print(f"{r['problem']:13} {r['batch']:5d} {r['optimizer']:10} | {1e3 * p['median_s']:9.1f} "
+              f"{p.get('vs_sgd', float('nan')):5.2f} {p.get('vs_kfac', float('nan')):6.2f} "
+              f"{p.get('amortised_vs_kfac', float('nan')):10.2f} | {1e3 * e['median_s']:9.1f} "
+              f"{e.get('vs_sgd', float('nan')):5.2f} {e.get('vs_kfac', float('nan')):6.2f} | {r['peak_mem_mb']:8.0f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="kfac2l step-time benchmark")
+    parser.add_argument("--problems", nargs="+", default=["mnist_ae", "cuda_convnet"], choices=list(PROBLEMS))
+    parser.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=list(OPTIMIZERS))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--steps", type=int, default=8, help="timed steps after warm-up")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=None, help="override the problem's batch size")
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--worker", nargs=2, metavar=("PROBLEM", "OPTIMIZER"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(run_worker(*args.worker, args.device, args.steps, args.warmup, args.batch)))
+        return 0
+    optimizers = list(dict.fromkeys(["sgd", "kfac", *args.optimizers]))
+    rows = []
+    for problem in args.problems:
+        for opt in optimizers:
+            rows.append(_spawn(problem, opt, args))
+            print(f"  measured {problem}/{opt}", file=sys.stderr, flush=True)
+    rows = ratios(rows)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print_table(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""Model registry: the eight architectures of the paper, by name."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from kfac2l.models.autoencoders import ENCODERS, autoencoder
+from kfac2l.models.convnets import cuda_convnet, resnet
+from kfac2l.models.linear import deep_linear_a, deep_linear_b
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """builder(**options) -> nn.Module; input_shape per sample; outputs: 'reconstruction' or classes."""
+
+    builder: Callable[..., nn.Module]
+    input_shape: tuple[int, ...]
+    num_outputs: int
+    task: str  # "autoencoder" or "classification"
+
+
+MODELS: dict[str, ModelSpec] = {
+    "curves_ae": ModelSpec(lambda: autoencoder(ENCODERS["curves"]), (784,), 784, "autoencoder"),
+    "mnist_ae": ModelSpec(lambda: autoencoder(ENCODERS["mnist"]), (784,), 784, "autoencoder"),
+    "faces_ae": ModelSpec(lambda: autoencoder(ENCODERS["faces"]), (625,), 625, "autoencoder"),
+    "cuda_convnet": ModelSpec(lambda num_classes=10: cuda_convnet(num_classes), (3, 32, 32), 10, "classification"),
+    "resnet18": ModelSpec(lambda num_classes=100, stem="imagenet": resnet(18, num_classes, stem), (3, 32, 32), 100,
+                          "classification"),
+    "resnet34": ModelSpec(lambda num_classes=10, stem="imagenet": resnet(34, num_classes, stem), (3, 32, 32), 10,
+                          "classification"),
+    "deep_linear_a": ModelSpec(lambda: deep_linear_a(), (784,), 10, "classification"),
+    "deep_linear_b": ModelSpec(lambda: deep_linear_b(), (784,), 10, "classification"),
+}
+
+
+def init_weights(model: nn.Module, bias: float = 0.01, generator: torch.Generator | None = None) -> None:
+    """Xavier-uniform weights and constant biases for every Linear/Conv2d layer (protocol.md),
+    drawn in sequence from one generator, so same-shaped layers do *not* start identical."""
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            nn.init.xavier_uniform_(m.weight, generator=generator)
+            if m.bias is not None:
+                nn.init.constant_(m.bias, bias)
+
+
+def build_model(name: str, init: str = "xavier", seed: int | None = None, **options) -> nn.Module:
+    """Build the named model. init: 'xavier' (protocol) or 'default' (PyTorch's)."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODELS)}")
+    if init not in ("xavier", "default"):
+        raise ValueError(f"init={init!r} is not valid; choose one of ('xavier', 'default')")
+    try:
+        model = MODELS[name].builder(**options)
+    except TypeError as err:
+        raise ValueError(f"bad option(s) {sorted(options)} for model {name!r}: {err}") from None
+    if init == "xavier":
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        init_weights(model, generator=gen)
+    return model
+
+
+__all__ = ["MODELS", "ModelSpec", "build_model", "init_weights"]
