@@ -21,7 +21,7 @@ def write_idx(path: Path, array: np.ndarray) -> None:
         fh.write(array.astype(np.uint8).tobytes())
 
 
-def write_mnist_like(root: Path, folder: str, n_train: int = 96, n_test: int = 32) -> None:
+def write_mnist_like(root: Path, folder: str, n_train: int = 160, n_test: int = 32) -> None:
     raw = root / folder / "raw"
     for prefix, n in (("train", n_train), ("t10k", n_test)):
         labels = RNG.integers(0, 10, n)

@@ -37,7 +37,20 @@ def pi_factor(A: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
     tg = torch.diagonal(G, dim1=-2, dim2=-1).mean(-1)
     ok = (ta > 0) & (tg > 0)
     ratio = torch.where(ok, ta / torch.where(ok, tg, torch.ones_like(tg)), torch.ones_like(ta))
-    return ratio.sqrt()
+    # Guard against degenerate factors (e.g. vanishing gradients through many BatchNorm layers):
+    # pi^2 is kept within [eps, 1/eps] of the dtype so that neither damping shift underflows.
+    eps = torch.finfo(A.dtype).eps
+    return ratio.clamp(eps, 1.0 / eps).sqrt()
+
+
+def _scaled_eigh(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batched eigh of symmetric matrices scaled to max |entry| = 1 first: the factors of layers
+    behind many BatchNorm layers can be denormal, where LAPACK's eigh fails to converge."""
+    scale = m.abs().amax(dim=(-2, -1), keepdim=True)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    m = m / scale
+    evals, evecs = torch.linalg.eigh(m)
+    return evals * scale.squeeze(-1), evecs
 
 
 class DampedKronecker:
@@ -51,8 +64,8 @@ class DampedKronecker:
             raise ValueError(f"damping_mode={mode!r} is not valid; choose one of {DAMPING_MODES}")
         self.mode = mode
         self.damping = damping
-        eA, self.QA = torch.linalg.eigh(A)
-        eG, self.QG = torch.linalg.eigh(G)
+        eA, self.QA = _scaled_eigh(A)
+        eG, self.QG = _scaled_eigh(G)
         self.eA, self.eG = eA.clamp_min(0), eG.clamp_min(0)
         if mode == "exact":
             self.denominator = self.eG.unsqueeze(-1) * self.eA.unsqueeze(-2) + damping  # (L, O, I)
