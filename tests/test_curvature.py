@@ -125,7 +125,7 @@ def test_coarse_operator_matches_dense(kind):
     groups = group_layers([a for a, _ in data], [g for _, g in data])
     slices = dense.layer_slices(p.model)
     gen = torch.Generator().manual_seed(5)
-    basis = [torch.randn(len(g.indices), 2, g.g.shape[-1], g.a.shape[-1], generator=gen, dtype=torch.float64) for g in groups]
+    basis = [torch.randn(len(g.indices), 2, *g.shape, generator=gen, dtype=torch.float64) for g in groups]
     cols = []
     for grp, v in zip(groups, basis):
         for row, i in enumerate(grp.indices):

@@ -16,8 +16,7 @@ from fixtures import write_all, write_mnist_like
 from hydra import compose, initialize_config_dir
 
 from kfac2l.data import DataMissingError, load_dataset
-from kfac2l.optim import OPTIMIZERS
-from kfac2l.optim import make_optimizer
+from kfac2l.optim import OPTIMIZERS, make_optimizer
 from kfac2l.train import ConfigError, optimizer_options, prepare, train
 
 CONFIGS = str(Path(__file__).resolve().parents[1] / "configs")
