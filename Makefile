@@ -9,7 +9,6 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml $(TORCH_REQ)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -r $(TORCH_REQ)
 	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $(STAMP)
