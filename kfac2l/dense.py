@@ -54,6 +54,35 @@ def per_sample_jacobian(model: nn.Module, x: torch.Tensor, targets: torch.Tensor
     return flatten_layer_grads(model, per_sample, batch_dims=1)
 
 
+def to_layered(groups, slices, flat: torch.Tensor) -> list[torch.Tensor]:
+    """k flat vectors (k, p) -> a layered vector ((L, k, O, I) per group, see ``kfac2l.curvature.fisher``)."""
+    k = flat.shape[0]
+    return [torch.stack([flat[:, slices[i][0]].reshape(k, slices[i][1], slices[i][2]) for i in g.indices])
+            for g in groups]
+
+
+def from_layered(groups, slices, layered: list[torch.Tensor], p: int) -> torch.Tensor:
+    """A layered vector with k columns -> (k, p) flat vectors."""
+    k = layered[0].shape[1]
+    flat = torch.zeros(k, p, dtype=layered[0].dtype)
+    for g, part in zip(groups, layered):
+        for row, i in enumerate(g.indices):
+            flat[:, slices[i][0]] = part[row].reshape(k, -1)
+    return flat
+
+
+def basis_matrix(groups, slices, basis: list[torch.Tensor], p: int) -> torch.Tensor:
+    """The explicit R0^T (p x m) of a block-diagonal basis, columns in the library's order."""
+    cols = []
+    for g, v in zip(groups, basis):
+        for row, i in enumerate(g.indices):
+            for k in range(v.shape[1]):
+                c = torch.zeros(p, dtype=v.dtype)
+                c[slices[i][0]] = v[row, k].reshape(-1)
+                cols.append(c)
+    return torch.stack(cols, 1)
+
+
 def flat_grad(model: nn.Module) -> torch.Tensor:
     """The current ``.grad`` of the preconditioned layers as one flat vector."""
     grads = {k: (v.grad if v.grad is not None else torch.zeros_like(v)) for k, v in model.named_parameters()}

@@ -76,9 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     if runs.empty:
         print(f"kfac2l.select: no complete run under {root}", file=sys.stderr)
         return 1
-    runs = runs[runs["seed"] == runs["seed"].min()] if "seed" in runs else runs
     out = Path(args.tables) / args.profile / args.experiment
-    atomic_write_csv(out / "runs.csv", gather(root))
+    atomic_write_csv(out / "runs.csv", runs)
+    runs = runs[runs["seed"] == runs["seed"].min()]  # the grid's seed; final seeded runs do not select
     best = best_settings(runs)
     path = write_selection(best, out)
     diverged = (runs["status"] == "diverged").groupby(runs["optimizer"]).sum()

@@ -196,7 +196,7 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
                 losses.append(training_step(model, optimizer, task, x, y, cfg.profile.fisher_fraction))
                 iterations += 1
                 if opts.get("diagnostics"):
-                    diag_rows.append({"iteration": iterations, **optimizer.preconditioner._diag})
+                    diag_rows.append({"iteration": iterations, **optimizer.preconditioner.diagnostic_tensors})
             train_loss = torch.stack(losses).mean().item()  # one synchronisation per epoch
             if start_loss is None:
                 start_loss = losses[0].item()

@@ -30,11 +30,6 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
 
 
-def _layered(groups, slices, flat: torch.Tensor, k: int):
-    return [torch.stack([flat[:, slices[i][0]].reshape(k, slices[i][1], slices[i][2]) for i in g.indices])
-            for g in groups]
-
-
 def checks(kind: str) -> list[tuple[str, float]]:
     """(name, relative error) for every quantity on the tiny ``kind`` problem."""
     rows = []
@@ -48,11 +43,8 @@ def checks(kind: str) -> list[tuple[str, float]]:
         step = p.run(kfac2l.KFAC(p.model, damping=LAM, damping_mode=mode))
         rows.append((f"kfac step ({mode} damping)", _rel(step, torch.linalg.solve(k_mode, grad))))
     u = torch.randn(2, fisher.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    out = fisher_vector_product(groups, _layered(groups, slices, u, 2), LAM)
-    flat = torch.zeros_like(u)
-    for g, o in zip(groups, out):
-        for row, i in enumerate(g.indices):
-            flat[:, slices[i][0]] = o[row].reshape(2, -1)
+    out = fisher_vector_product(groups, dense.to_layered(groups, slices, u), LAM)
+    flat = dense.from_layered(groups, slices, out, fisher.shape[0])
     rows.append(("fisher-vector product F_bullet u", _rel(flat, u @ fisher.T)))
     for space in SPACES:
         for corr in ("multiplicative", "additive"):
@@ -62,9 +54,12 @@ def checks(kind: str) -> list[tuple[str, float]]:
             r0t = dense.explicit_coarse_basis(space, p.model, data, kfac_ref, fisher, grad, LAM, "pi")
             rows.append((f"two-level {space} {corr}", _rel(step, dense.two_level_step(kfac_ref, fisher, grad, r0t, corr))))
             if corr == "multiplicative" and space == "residual":
-                basis = [v.unsqueeze(1) for v in _basis_from(pre, p)]
-                op = coarse_operator(pre.groups, basis, LAM)
-                rows.append(("coarse operator R0 F_bullet R0^T", _rel(op, _dense_op(basis, pre.groups, slices, fisher))))
+                gen = torch.Generator().manual_seed(3)
+                basis = [torch.randn(len(g.indices), 2, *g.shape, generator=gen, dtype=torch.float64)
+                         for g in pre.groups]
+                r0t = dense.basis_matrix(pre.groups, slices, basis, fisher.shape[0])
+                rows.append(("coarse operator R0 F_bullet R0^T",
+                             _rel(coarse_operator(pre.groups, basis, LAM), r0t.T @ fisher @ r0t)))
                 exact = torch.linalg.solve(fisher, grad)
                 zk = torch.linalg.solve(kfac_ref, grad)
                 e0 = (zk - exact) @ fisher @ (zk - exact)
@@ -86,24 +81,6 @@ def checks(kind: str) -> list[tuple[str, float]]:
         rows.append(("previous (Kronecker coarse operator 3.18)",
                      _rel(step, dense.two_level_step(kfac_ref, fisher, grad, r0t, "additive", op))))
     return rows
-
-
-def _basis_from(pre, p):
-    """A random block basis (one column per layer) to check the coarse operator on."""
-    gen = torch.Generator().manual_seed(3)
-    return [torch.randn(len(g.indices), g.g.shape[-1], g.a.shape[-1], generator=gen, dtype=torch.float64)
-            for g in pre.groups]
-
-
-def _dense_op(basis, groups, slices, fisher):
-    cols = []
-    for g, v in zip(groups, basis):
-        for row, i in enumerate(g.indices):
-            c = torch.zeros(fisher.shape[0], dtype=torch.float64)
-            c[slices[i][0]] = v[row, 0].reshape(-1)
-            cols.append(c)
-    r0t = torch.stack(cols, 1)
-    return r0t.T @ fisher @ r0t
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -106,14 +106,8 @@ def test_fisher_vector_product_matches_dense(kind):
     groups = group_layers([a for a, _ in data], [g for _, g in data])
     slices = dense.layer_slices(p.model)
     u = torch.randn(3, fisher.shape[0], dtype=torch.float64)
-    layered = []
-    for grp in groups:
-        layered.append(torch.stack([u[:, slices[i][0]].reshape(3, slices[i][1], slices[i][2]) for i in grp.indices]))
-    out = fisher_vector_product(groups, layered, LAM)
-    flat = torch.zeros_like(u)
-    for grp, o in zip(groups, out):
-        for row, i in enumerate(grp.indices):
-            flat[:, slices[i][0]] = o[row].reshape(3, -1)
+    out = fisher_vector_product(groups, dense.to_layered(groups, slices, u), LAM)
+    flat = dense.from_layered(groups, slices, out, fisher.shape[0])
     assert rel(flat, u @ fisher.T) < 1e-12
 
 
@@ -126,14 +120,7 @@ def test_coarse_operator_matches_dense(kind):
     slices = dense.layer_slices(p.model)
     gen = torch.Generator().manual_seed(5)
     basis = [torch.randn(len(g.indices), 2, *g.shape, generator=gen, dtype=torch.float64) for g in groups]
-    cols = []
-    for grp, v in zip(groups, basis):
-        for row, i in enumerate(grp.indices):
-            for k in range(2):
-                c = torch.zeros(fisher.shape[0], dtype=torch.float64)
-                c[slices[i][0]] = v[row, k].reshape(-1)
-                cols.append(c)
-    r0t = torch.stack(cols, 1)
+    r0t = dense.basis_matrix(groups, slices, basis, fisher.shape[0])
     assert rel(coarse_operator(groups, basis, LAM), r0t.T @ fisher @ r0t) < 1e-12
 
 

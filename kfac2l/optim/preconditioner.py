@@ -174,6 +174,7 @@ class CurvaturePreconditioner:
         if self.groups is None:
             raise RuntimeError(f"call {type(self).__name__}.update_curvature() before the first step()")
         self._diag = {}
+        self.capture.clear()  # drop references to this step's layer outputs
         grads = self._gather()
         zeta = self._direction(grads)
         zeta = self._kl_clip(zeta, grads)
@@ -182,6 +183,11 @@ class CurvaturePreconditioner:
 
     def _direction(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
         raise NotImplementedError
+
+    @property
+    def diagnostic_tensors(self) -> dict[str, torch.Tensor]:
+        """The last step's diagnostics as 0-dim tensors (no synchronisation)."""
+        return dict(self._diag)
 
     @property
     def diagnostics(self) -> dict[str, float]:
@@ -328,7 +334,7 @@ class TwoLevelKFAC(KFAC):
         self.taylor_order = int(taylor_order)
         self.krylov_start = krylov_start
         self._cross = None
-        self._static_basis, self._static_basis_for = None, None
+        self._static, self._static_for = None, None
 
     def needs_curvature(self) -> bool:
         if self.coarse_operator_kind == "kronecker" and not self.track_diagnostics:
@@ -354,43 +360,49 @@ class TwoLevelKFAC(KFAC):
     def _shapes(self, grads):
         return [(g.shape[0], g.shape[2], g.shape[3]) for g in grads]
 
+    def _static_parts(self, kron, shapes, like):
+        """What depends only on the damped blocks, cached until the inverses change: the basis of
+        the nicolaides, spectral and krylov-nicolaides spaces and, for the Kronecker operator
+        (3.18), its diagonal 1^T [F_bullet KFAC]_{i,i} 1 and the 1/sqrt(p_i) column scales."""
+        if self._static_for is not kron:
+            basis = None
+            if not coarse_mod.uses_residual(self.coarse_space):
+                basis = coarse_basis(self.coarse_space, kron, shapes, like=like)
+            diagonal = scale = None
+            if self.coarse_operator_kind == "kronecker":
+                diagonal = torch.cat([k.ones_sum() for k in kron]).double()
+                sizes = torch.cat([torch.full((L,), float(O * I)) for L, O, I in shapes])
+                # basis columns are unit-normalised: ones / sqrt(p_i), hence the 1/p_i rescaling
+                scale = sizes.to(diagonal.device, diagonal.dtype).rsqrt()
+            self._static, self._static_for = (basis, diagonal, scale), kron
+        return self._static
+
     def _direction(self, grads):
         kron = self._inverses()
+        shapes = self._shapes(grads)
         zeta_kfac = [k.apply_inverse(g) for k, g in zip(kron, grads)]
         lam = self.damping
+        basis, diagonal, scale = self._static_parts(kron, shapes, grads[0])
         residual = None
         if self.coarse_operator_kind == "kronecker":
-            basis = coarse_basis("nicolaides", kron, self._shapes(grads), like=grads[0])
-            diagonal = torch.cat([k.ones_sum() for k in kron]).double()
-            scale = torch.cat([torch.full((s[0],), float(s[1] * s[2])) for s in self._shapes(grads)])
-            # basis columns are unit-normalised: 1/sqrt(p_i) * ones, hence the 1/p_i rescaling
-            scale = scale.to(diagonal.device, diagonal.dtype).rsqrt()
             op = kronecker_coarse_operator(*self._cross, diagonal) * scale[:, None] * scale[None, :]
         else:
             groups = self._fresh_groups()
-            need_residual = self.correction == "multiplicative" or coarse_mod.uses_residual(self.coarse_space)
-            if need_residual:
+            if self.correction == "multiplicative" or basis is None:
                 fz = fisher_vector_product(groups, zeta_kfac, lam)
                 residual = [g - f for g, f in zip(grads, fz)]
-            precond_res = None
-            if coarse_mod.uses_residual(self.coarse_space):
-                precond_res = [k.apply_inverse(r) for k, r in zip(kron, residual)]
-                basis = None
-            else:  # nicolaides, spectral, krylov-nicolaides: fixed until the inverses change
-                basis = self._static_basis if self._static_basis_for is kron else None
-            basis = basis or coarse_basis(
-                self.coarse_space,
-                kron,
-                self._shapes(grads),
-                precond_residual=precond_res,
-                residual=residual,
-                fvp=lambda u: fisher_vector_product(groups, u, lam),
-                taylor_order=self.taylor_order,
-                krylov_start=self.krylov_start,
-                like=grads[0],
-            )
-            if not coarse_mod.uses_residual(self.coarse_space):
-                self._static_basis, self._static_basis_for = basis, kron
+            if basis is None:  # residual, krylov-residual, taylor: rebuilt every step
+                basis = coarse_basis(
+                    self.coarse_space,
+                    kron,
+                    shapes,
+                    precond_residual=[k.apply_inverse(r) for k, r in zip(kron, residual)],
+                    residual=residual,
+                    fvp=lambda u: fisher_vector_product(groups, u, lam),
+                    taylor_order=self.taylor_order,
+                    krylov_start=self.krylov_start,
+                    like=grads[0],
+                )
             op = coarse_operator(groups, basis, lam)
         source = residual if self.correction == "multiplicative" else grads
         beta, failed = solve_coarse(op, restrict(basis, source).double())

@@ -64,7 +64,7 @@ def training_step(
     if optimizer.needs_curvature():
         size = max(1, int(round(fisher_fraction * x.shape[0])))
         idx = torch.randint(0, x.shape[0], (size,), device=x.device, generator=generator)
-        optimizer.update_curvature(model(x[idx]), task.likelihood, generator=None)
+        optimizer.update_curvature(model(x[idx]), task.likelihood)
     optimizer.zero_grad()
     loss = task.loss(model(x), target)
     loss.backward()
