@@ -39,10 +39,10 @@ def group_layers(a_list: list[torch.Tensor], g_list: list[torch.Tensor]) -> list
     keys: dict[tuple[int, int, int], list[int]] = {}
     for i, (a, g) in enumerate(zip(a_list, g_list)):
         keys.setdefault((g.shape[-1], a.shape[-1], a.shape[1]), []).append(i)
-    return [
-        LayerGroup(idx, torch.stack([a_list[i] for i in idx]), torch.stack([g_list[i] for i in idx]))
-        for idx in keys.values()
-    ]
+    def stack(tensors, idx):  # a single layer needs no copy
+        return tensors[idx[0]].unsqueeze(0) if len(idx) == 1 else torch.stack([tensors[i] for i in idx])
+
+    return [LayerGroup(idx, stack(a_list, idx), stack(g_list, idx)) for idx in keys.values()]
 
 
 def project(group: LayerGroup, u: torch.Tensor) -> torch.Tensor:
@@ -112,15 +112,24 @@ def block_gram(vectors: list[torch.Tensor]) -> torch.Tensor:
     return torch.block_diag(*blocks)
 
 
-def coarse_operator(groups: list[LayerGroup], vectors: list[torch.Tensor], damping: float) -> torch.Tensor:
+def coarse_operator(
+    groups: list[LayerGroup],
+    vectors: list[torch.Tensor],
+    damping: float,
+    projections: torch.Tensor | None = None,
+    gram: torch.Tensor | None = None,
+) -> torch.Tensor:
     """F_coarse = R0 F_bullet R0^T exactly (3.12, A15-A16), as one product of P with itself.
 
     F_coarse = (1/B) P^T P + lambda blockdiag(V_i^T V_i), with P the (B x m) per-sample
-    projections; computed in float64 since m is small and the operator may be ill-conditioned.
+    projections (pass them, and the block Gram, if already computed); float64 since m is small
+    and the operator may be ill-conditioned.
     """
     batch = groups[0].a.shape[1]
-    p = per_sample_projections(groups, vectors).double()
-    return p.T @ p / batch + damping * block_gram(vectors).double()
+    p = per_sample_projections(groups, vectors) if projections is None else projections
+    p = p.double()
+    gram = block_gram(vectors) if gram is None else gram
+    return p.T @ p / batch + damping * gram.double()
 
 
 def restrict(vectors: list[torch.Tensor], u: list[torch.Tensor]) -> torch.Tensor:

@@ -30,11 +30,14 @@ from kfac2l.curvature.coarse import (
 from kfac2l.curvature.exact import natural_gradient
 from kfac2l.curvature.fisher import (
     LayerGroup,
+    block_gram,
     coarse_operator,
     fisher_norm_sq,
     fisher_vector_product,
     group_layers,
+    jt,
     layered_dot,
+    per_sample_projections,
     prolong,
     restrict,
 )
@@ -365,16 +368,17 @@ class TwoLevelKFAC(KFAC):
         the nicolaides, spectral and krylov-nicolaides spaces and, for the Kronecker operator
         (3.18), its diagonal 1^T [F_bullet KFAC]_{i,i} 1 and the 1/sqrt(p_i) column scales."""
         if self._static_for is not kron:
-            basis = None
+            basis = gram = None
             if not coarse_mod.uses_residual(self.coarse_space):
                 basis = coarse_basis(self.coarse_space, kron, shapes, like=like)
+                gram = block_gram(basis)
             diagonal = scale = None
             if self.coarse_operator_kind == "kronecker":
                 diagonal = torch.cat([k.ones_sum() for k in kron]).double()
                 sizes = torch.cat([torch.full((L,), float(O * I)) for L, O, I in shapes])
                 # basis columns are unit-normalised: ones / sqrt(p_i), hence the 1/p_i rescaling
                 scale = sizes.to(diagonal.device, diagonal.dtype).rsqrt()
-            self._static, self._static_for = (basis, diagonal, scale), kron
+            self._static, self._static_for = (basis, gram, diagonal, scale), kron
         return self._static
 
     def _direction(self, grads):
@@ -382,30 +386,39 @@ class TwoLevelKFAC(KFAC):
         shapes = self._shapes(grads)
         zeta_kfac = [k.apply_inverse(g) for k, g in zip(kron, grads)]
         lam = self.damping
-        basis, diagonal, scale = self._static_parts(kron, shapes, grads[0])
+        basis, gram, diagonal, scale = self._static_parts(kron, shapes, grads[0])
         residual = None
         if self.coarse_operator_kind == "kronecker":
             op = kronecker_coarse_operator(*self._cross, diagonal) * scale[:, None] * scale[None, :]
-        else:
+            rhs = restrict(basis, grads).double()
+        elif basis is not None:  # static basis: R0 r from P without forming r
             groups = self._fresh_groups()
-            if self.correction == "multiplicative" or basis is None:
-                fz = fisher_vector_product(groups, zeta_kfac, lam)
-                residual = [g - f for g, f in zip(grads, fz)]
-            if basis is None:  # residual, krylov-residual, taylor: rebuilt every step
-                basis = coarse_basis(
-                    self.coarse_space,
-                    kron,
-                    shapes,
-                    precond_residual=[k.apply_inverse(r) for k, r in zip(kron, residual)],
-                    residual=residual,
-                    fvp=lambda u: fisher_vector_product(groups, u, lam),
-                    taylor_order=self.taylor_order,
-                    krylov_start=self.krylov_start,
-                    like=grads[0],
-                )
+            proj = per_sample_projections(groups, basis)
+            op = coarse_operator(groups, basis, lam, projections=proj, gram=gram)
+            rhs = restrict(basis, grads).double()
+            if self.correction == "multiplicative":
+                # R0 F_bullet zeta_KFAC = (1/B) P^T J^T zeta_KFAC + lambda R0 zeta_KFAC (A3, A15)
+                v = jt(groups, zeta_kfac)[0].double()
+                batch = groups[0].a.shape[1]
+                rhs = rhs - proj.double().T @ v / batch - lam * restrict(basis, zeta_kfac).double()
+        else:  # residual, krylov-residual, taylor: rebuilt every step from r_KFAC
+            groups = self._fresh_groups()
+            fz = fisher_vector_product(groups, zeta_kfac, lam)
+            residual = [g - f for g, f in zip(grads, fz)]
+            basis = coarse_basis(
+                self.coarse_space,
+                kron,
+                shapes,
+                precond_residual=[k.apply_inverse(r) for k, r in zip(kron, residual)],
+                residual=residual,
+                fvp=lambda u: fisher_vector_product(groups, u, lam),
+                taylor_order=self.taylor_order,
+                krylov_start=self.krylov_start,
+                like=grads[0],
+            )
             op = coarse_operator(groups, basis, lam)
-        source = residual if self.correction == "multiplicative" else grads
-        beta, failed = solve_coarse(op, restrict(basis, source).double())
+            rhs = restrict(basis, residual if self.correction == "multiplicative" else grads).double()
+        beta, failed = solve_coarse(op, rhs)
         beta = self.coarse_scale * beta
         correction = prolong(basis, beta)
         zeta = [z + c for z, c in zip(zeta_kfac, correction)]
