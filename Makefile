@@ -5,7 +5,9 @@ BIN := $(VENV)/bin
 TORCH_REQ ?= requirements-torch.txt
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint verify bench clean
+.PHONY: install test lint verify bench clean demo reproduce-all fashion-mnist
+PROFILE ?= quick
+LAUNCHER ?= local
 
 $(STAMP): pyproject.toml $(TORCH_REQ)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,3 +31,19 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
+
+# Fashion-MNIST offline: Debian's package (root, apt); otherwise torchvision downloads it.
+fashion-mnist:
+	@test -d /usr/share/datasets/fashion-mnist || (command -v apt-get >/dev/null && \
+		(apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null 2>&1) || \
+		echo "dataset-fashion-mnist not installable; torchvision will try to download Fashion-MNIST"
+
+# README's main job: KFAC, every two-level method, ADAM and SGD on deep linear A / Fashion-MNIST.
+demo: $(STAMP) fashion-mnist
+	$(BIN)/python -m kfac2l.reproduce --figure 4 --panels deep_linear_a --profile quick --grid demo \
+		--extra-figures 5 6
+
+reproduce-figure%: $(STAMP)
+	$(BIN)/python -m kfac2l.reproduce --figure $* --profile $(PROFILE) --launcher $(LAUNCHER)
+
+reproduce-all: reproduce-figure2 reproduce-figure3 reproduce-figure4 reproduce-figure5 reproduce-figure6

@@ -1,0 +1,77 @@
+"""Reading finished runs into pandas tables (the only input of the figures)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+# Legend names and colours, identical in every figure.
+LABELS = {
+    "kfac": "KFAC", "nico": "NICO", "spectral": "SPECTRAL", "residu": "RESIDU", "kry-nico": "KRY-NICO",
+    "kry-residu": "KRY-RESIDU", "previous": "PREVIOUS", "taylor": "TAYLOR", "adam": "ADAM", "sgd": "SGD",
+    "ngd": "NGD",
+}
+COLORS = {
+    "kfac": "#000000", "nico": "#1f77b4", "spectral": "#ff7f0e", "residu": "#2ca02c", "kry-nico": "#d62728",
+    "kry-residu": "#9467bd", "previous": "#8c564b", "taylor": "#e377c2", "adam": "#7f7f7f", "sgd": "#bcbd22",
+    "ngd": "#17becf",
+}
+ORDER = list(LABELS)
+
+
+def _runs(root: Path):
+    for path in sorted(Path(root).rglob("summary.json")):
+        try:
+            summary = json.loads(path.read_text())
+        except (json.JSONDecodeError, OSError):
+            continue
+        if summary.get("complete"):
+            yield path.parent, summary
+
+
+def load_curves(root: str | Path) -> pd.DataFrame:
+    """Per-epoch metrics of every finished run under ``root``, with optimiser, seed, status,
+    profile and data source; columns as in metrics.csv plus those."""
+    frames = []
+    for run_dir, summary in _runs(root):
+        metrics = run_dir / "metrics.csv"
+        if not metrics.exists():
+            continue
+        frame = pd.read_csv(metrics)
+        for key in ("optimizer", "seed", "status", "profile", "data_source", "lr", "damping", "experiment"):
+            frame[key] = summary.get(key)
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def load_diagnostics(root: str | Path) -> pd.DataFrame:
+    """Per-iteration diagnostics (gap of eq. 4.6, true distances) of every run that recorded them."""
+    frames = []
+    for run_dir, summary in _runs(root):
+        path = run_dir / "diagnostics.csv"
+        if not path.exists():
+            continue
+        frame = pd.read_csv(path)
+        frame["optimizer"] = summary.get("optimizer")
+        frame["seed"] = summary.get("seed")
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def summary_table(root: str | Path) -> pd.DataFrame:
+    """Best training loss (mean over seeds), epochs run and status per optimiser."""
+    rows = [{"optimizer": s.get("optimizer"), "seed": s.get("seed"), "status": s.get("status"),
+             "best_train_loss": s.get("best_train_loss"), "epochs_run": s.get("epochs_run"),
+             "lr": s.get("lr"), "damping": s.get("damping")} for _, s in _runs(root)]
+    if not rows:
+        return pd.DataFrame(columns=["optimizer", "best_train_loss", "epochs_run", "seeds", "diverged"])
+    frame = pd.DataFrame(rows)
+    table = frame.groupby("optimizer").agg(
+        best_train_loss=("best_train_loss", "mean"), epochs_run=("epochs_run", "mean"),
+        seeds=("seed", "nunique"), diverged=("status", lambda s: int((s == "diverged").sum())),
+        lr=("lr", "first"), damping=("damping", "first"),
+    ).reset_index()
+    table["order"] = table["optimizer"].map({k: i for i, k in enumerate(ORDER)})
+    return table.sort_values("order").drop(columns="order").reset_index(drop=True)

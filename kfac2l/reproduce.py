@@ -1,0 +1,130 @@
+"""Reproduce a figure end to end: sweep -> select -> final seeded runs -> plot.
+
+    python -m kfac2l.reproduce --figure 4 [--profile quick|paper] [--launcher local|joblib|slurm]
+                               [--panels deep_linear_a ...] [--seeds 1 2 3]
+
+Every step is idempotent: sweep cells and final runs whose summary.json is complete are skipped,
+so rerunning after an interruption redoes only what is missing. Layout under ``results/``:
+
+  runs/<profile>/<panel>/<optimizer>/lr=...,damping=...,seed=0/   grid-search runs
+  tables/<profile>/<panel>/{runs.csv,best_settings.csv,best_settings.yaml}
+  final/<profile>/<panel>/<optimizer>/lr=...,damping=...,seed=S/  runs with the selected setting
+  figures/<profile>/figureN.{png,csv}, figureN_summary.csv
+
+A panel whose data set is missing stops the pipeline before any training, with the data message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+from hydra import compose, initialize_config_dir
+
+from kfac2l.data import DataMissingError
+from kfac2l.plots.figures import FIGURES, PANELS, plot_figure
+from kfac2l.plots.results import summary_table
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+NO_CURVATURE = ("sgd", "adam")
+# grid per profile: (curvature optimisers, lr-only optimisers)
+SEARCH = {"paper": ("grid", "grid_lr"), "quick": ("quick", "quick_lr"), "demo": ("demo", "demo_lr")}
+
+
+def _panel_overrides(panel, profile: str, launcher: str, results: Path) -> list[str]:
+    return [f"experiment={panel.experiment}", *panel.overrides, f"profile={profile}", f"launcher={launcher}",
+            f"paths.tables={results / 'tables'}"]
+
+
+def check_data(panel, profile: str) -> None:
+    """Load the panel's data set (no training) so that a missing file stops everything early."""
+    from kfac2l.train import prepare
+
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose("train", overrides=[f"experiment={panel.experiment}", *panel.overrides, f"profile={profile}"])
+    prepare(cfg)
+
+
+def _train(args: list[str]) -> None:
+    cmd = [sys.executable, "-m", "kfac2l.train", "-m", *args]
+    print("[reproduce] " + " ".join(cmd[1:]), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def run_panel(panel, profile: str, launcher: str, results: Path, seeds: list[int], grids: tuple[str, str]) -> None:
+    base = _panel_overrides(panel, profile, launcher, results)
+    curvature = [o for o in panel.optimizers if o not in NO_CURVATURE]
+    plain = [o for o in panel.optimizers if o in NO_CURVATURE]
+    runs = results / "runs"
+    # 1. grid search (seed 0)
+    if curvature:
+        _train([*base, f"optimizer={','.join(curvature)}", f"search={grids[0]}", f"paths.runs={runs}"])
+    if plain:
+        _train([*base, f"optimizer={','.join(plain)}", f"search={grids[1]}", f"paths.runs={runs}"])
+    # 2. selection
+    subprocess.run([sys.executable, "-m", "kfac2l.select", "--experiment", panel.name, "--profile", profile,
+                    "--runs", str(runs), "--tables", str(results / "tables")], check=True)
+    # 3. final seeded runs with the selected settings (and the diagnostics of Figures 5-6);
+    #    an optimiser none of whose cells completed has no setting and is reported, not run
+    best = _selected(results / "tables" / profile / panel.name)
+    missing = [o for o in panel.optimizers if o not in best]
+    if missing:
+        print(f"[reproduce] {panel.name}: no completed grid cell for {missing}; no final run for them", flush=True)
+    finals = [*base, f"seed={','.join(map(str, seeds))}", "use_best=true", f"paths.runs={results / 'final'}"]
+    diag = ["diagnostics=true", "exact_reference=true"] if panel.diagnostics else []
+    for group, extra in (([o for o in curvature if o in best], diag), ([o for o in plain if o in best], [])):
+        if group:
+            _train([*finals, f"optimizer={','.join(group)}", *extra])
+
+
+def _selected(table_dir: Path) -> dict:
+    path = table_dir / "best_settings.yaml"
+    return (yaml.safe_load(path.read_text()) or {}) if path.exists() else {}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--figure", type=int, required=True, choices=sorted(FIGURES))
+    parser.add_argument("--profile", default="quick", choices=["quick", "paper"])
+    parser.add_argument("--launcher", default="local", choices=["local", "joblib", "slurm"])
+    parser.add_argument("--panels", nargs="+", default=None, help="a subset of the figure's panels")
+    parser.add_argument("--seeds", nargs="+", type=int, default=None, help="final-run seeds (quick: 1; paper: 1 2 3)")
+    parser.add_argument("--results", default="results")
+    parser.add_argument("--grid", default=None, choices=sorted(SEARCH), help="search grid (default: the profile's)")
+    parser.add_argument("--extra-figures", nargs="*", type=int, default=[], help="also draw these figures "
+                        "for the same panels (e.g. 5 6 for the diagnostics of a Figure 4 panel)")
+    args = parser.parse_args(argv)
+    panels = args.panels or FIGURES[args.figure]
+    unknown = [p for p in panels if p not in PANELS]
+    if unknown:
+        print(f"kfac2l.reproduce: unknown panel(s) {unknown}; valid: {', '.join(FIGURES[args.figure])}", file=sys.stderr)
+        return 2
+    seeds = args.seeds or ([1, 2, 3] if args.profile == "paper" else [1])
+    results = Path(args.results)
+    try:
+        for name in panels:
+            check_data(PANELS[name], args.profile)
+    except DataMissingError as err:
+        print(f"kfac2l.reproduce: figure {args.figure} cannot run here: {err}", file=sys.stderr)
+        return 3
+    start = time.perf_counter()
+    for name in panels:
+        run_panel(PANELS[name], args.profile, args.launcher, results, seeds, SEARCH[args.grid or args.profile])
+    written = [plot_figure(args.figure, results, args.profile, panels)]
+    written += [plot_figure(f, results, args.profile, panels) for f in args.extra_figures]
+    for name in panels:
+        print(f"\n{PANELS[name].title} ({args.profile} profile): best training loss per optimiser")
+        print(summary_table(results / "final" / args.profile / name).to_string(index=False))
+    print(f"\nfinished in {time.perf_counter() - start:.0f} s; files:")
+    for paths in written:
+        for path in paths.values():
+            print(f"  {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""Figures from small fixture result files (no training)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from kfac2l.plots import plot_figure, summary_table
+
+
+def _write_run(root: Path, panel: str, opt: str, seed: int, losses, diag=None, source="debian:fashion"):
+    run = root / "final" / "quick" / panel / opt / f"lr=0.01,damping=0.1,seed={seed}"
+    run.mkdir(parents=True)
+    pd.DataFrame({"epoch": np.arange(1, len(losses) + 1), "iterations": 10 * np.arange(1, len(losses) + 1),
+                  "train_loss": losses, "test_loss": losses, "test_accuracy": 0.5, "wall_time": 1.0}
+                 ).to_csv(run / "metrics.csv", index=False)
+    json.dump({"complete": True, "status": "completed", "optimizer": opt, "seed": seed, "profile": "quick",
+               "data_source": source, "best_train_loss": float(min(losses)), "epochs_run": len(losses),
+               "lr": 0.01, "damping": 0.1, "experiment": panel}, open(run / "summary.json", "w"))
+    if diag is not None:
+        diag.to_csv(run / "diagnostics.csv", index=False)
+
+
+@pytest.fixture()
+def results(tmp_path):
+    it = np.arange(1, 31)
+    for seed, shift in ((1, 0.0), (2, 0.2)):
+        _write_run(tmp_path, "deep_linear_a", "kfac", seed, [2.0 + shift, 1.0 + shift, 0.5 + shift])
+        gap = -0.1 * np.ones(30) - shift
+        diag = pd.DataFrame({"iteration": it, "gap": gap, "dist_kfac": 1.0 + 0 * it, "dist_two_level": 0.5 + shift})
+        _write_run(tmp_path, "deep_linear_a", "residu", seed, [1.5, 0.7 - shift, 0.3], diag)
+    _write_run(tmp_path, "deep_linear_a", "sgd", 1, [2.2, 2.1, float("nan")])
+    return tmp_path
+
+
+def test_loss_figure_plots_mean_over_seeds(results):
+    paths = plot_figure(4, results, "quick", panels=["deep_linear_a"])
+    assert paths["figure"].stat().st_size > 10_000
+    data = pd.read_csv(paths["data"])
+    kfac = data[data["optimizer"] == "kfac"].sort_values("epoch")["train_loss"].to_numpy()
+    assert np.allclose(kfac, [2.1, 1.1, 0.6])
+    summary = pd.read_csv(paths["summary"])
+    assert list(summary["optimizer"]) == ["kfac", "residu", "sgd"]  # legend order of the paper
+    assert np.isclose(summary.set_index("optimizer").loc["residu", "best_train_loss"], 0.3)
+
+
+def test_gap_figure_smooths_and_distance_figure_ratio(results):
+    gap = pd.read_csv(plot_figure(5, results, "quick", panels=["deep_linear_a"])["data"])
+    assert set(gap["optimizer"]) == {"residu"}  # only two-level methods
+    assert np.allclose(gap["gap"], -0.2) and np.allclose(gap["gap_smoothed"], -0.2)
+    dist = pd.read_csv(plot_figure(6, results, "quick", panels=["deep_linear_a"])["data"])
+    assert np.allclose(dist["ratio"], 0.6)
+
+
+def test_missing_panel_is_drawn_empty_and_bad_figure_rejected(results, tmp_path):
+    paths = plot_figure(4, results, "quick")  # deep_linear_b has no results
+    assert paths["figure"].exists()
+    with pytest.raises(ValueError, match="figure=7"):
+        plot_figure(7, results)
+    with pytest.raises(ValueError, match="unknown panel"):
+        plot_figure(4, results, panels=["nope"])
+
+
+def test_summary_table_counts_seeds(results):
+    table = summary_table(results / "final" / "quick" / "deep_linear_a")
+    assert table.set_index("optimizer").loc["kfac", "seeds"] == 2
+
+
+def test_notebook_runs_on_committed_results():
+    import nbformat
+    from nbclient import NotebookClient
+
+    repo = Path(__file__).resolve().parents[1]
+    if not (repo / "results" / "figures" / "quick" / "figure4.csv").exists():
+        pytest.fail("the committed quick-profile results (results/figures/quick) are missing")
+    nb = nbformat.read(repo / "notebooks" / "explore_results.ipynb", as_version=4)
+    NotebookClient(nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(repo / "notebooks")}}).execute()
+    assert any(o.get("output_type") == "execute_result" for c in nb.cells for o in c.get("outputs", []))
