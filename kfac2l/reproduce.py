@@ -35,17 +35,18 @@ NO_CURVATURE = ("sgd", "adam")
 SEARCH = {"paper": ("grid", "grid_lr"), "quick": ("quick", "quick_lr"), "demo": ("demo", "demo_lr")}
 
 
-def _panel_overrides(panel, profile: str, launcher: str, results: Path) -> list[str]:
+def _panel_overrides(panel, profile: str, launcher: str, results: Path, data: str) -> list[str]:
     return [f"experiment={panel.experiment}", *panel.overrides, f"profile={profile}", f"launcher={launcher}",
-            f"paths.tables={results / 'tables'}"]
+            f"paths.tables={results / 'tables'}", f"paths.data={data}"]
 
 
-def check_data(panel, profile: str) -> None:
+def check_data(panel, profile: str, data: str) -> None:
     """Load the panel's data set (no training) so that a missing file stops everything early."""
     from kfac2l.train import prepare
 
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        cfg = compose("train", overrides=[f"experiment={panel.experiment}", *panel.overrides, f"profile={profile}"])
+        cfg = compose("train", overrides=[f"experiment={panel.experiment}", *panel.overrides, f"profile={profile}",
+                                          f"paths.data={data}"])
     prepare(cfg)
 
 
@@ -55,8 +56,9 @@ def _train(args: list[str]) -> None:
     subprocess.run(cmd, check=True)
 
 
-def run_panel(panel, profile: str, launcher: str, results: Path, seeds: list[int], grids: tuple[str, str]) -> None:
-    base = _panel_overrides(panel, profile, launcher, results)
+def run_panel(panel, profile: str, launcher: str, results: Path, seeds: list[int], grids: tuple[str, str],
+              data: str) -> None:
+    base = _panel_overrides(panel, profile, launcher, results, data)
     curvature = [o for o in panel.optimizers if o not in NO_CURVATURE]
     plain = [o for o in panel.optimizers if o in NO_CURVATURE]
     runs = results / "runs"
@@ -94,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--panels", nargs="+", default=None, help="a subset of the figure's panels")
     parser.add_argument("--seeds", nargs="+", type=int, default=None, help="final-run seeds (quick: 1; paper: 1 2 3)")
     parser.add_argument("--results", default="results")
+    parser.add_argument("--data", default="data", help="data root (paths.data)")
     parser.add_argument("--grid", default=None, choices=sorted(SEARCH), help="search grid (default: the profile's)")
     parser.add_argument("--extra-figures", nargs="*", type=int, default=[], help="also draw these figures "
                         "for the same panels (e.g. 5 6 for the diagnostics of a Figure 4 panel)")
@@ -107,13 +110,14 @@ def main(argv: list[str] | None = None) -> int:
     results = Path(args.results)
     try:
         for name in panels:
-            check_data(PANELS[name], args.profile)
+            check_data(PANELS[name], args.profile, args.data)
     except DataMissingError as err:
         print(f"kfac2l.reproduce: figure {args.figure} cannot run here: {err}", file=sys.stderr)
         return 3
     start = time.perf_counter()
     for name in panels:
-        run_panel(PANELS[name], args.profile, args.launcher, results, seeds, SEARCH[args.grid or args.profile])
+        run_panel(PANELS[name], args.profile, args.launcher, results, seeds, SEARCH[args.grid or args.profile],
+                  args.data)
     written = [plot_figure(args.figure, results, args.profile, panels)]
     written += [plot_figure(f, results, args.profile, panels) for f in args.extra_figures]
     for name in panels:

@@ -41,6 +41,17 @@ from kfac2l.optim.step import get_task, training_step
 DIVERGENCE_FACTOR = 1e3
 
 
+def run_name(use_best, lr, damping, seed) -> str:
+    """Run directory name: the swept values, or 'best' when they come from the selection table."""
+    if str(use_best).lower() == "true":
+        return f"best,seed={seed}"
+    return f"lr={lr},damping={damping},seed={seed}"
+
+
+if not OmegaConf.has_resolver("run_name"):
+    OmegaConf.register_new_resolver("run_name", run_name)
+
+
 class ConfigError(ValueError):
     """A configuration that cannot run."""
 
@@ -215,21 +226,32 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
                 since_best += 1
                 if since_best >= cfg.profile.patience:
                     break
-    except (RuntimeError, ValueError, FloatingPointError) as err:  # numerical failure mid-run
-        status, error = "diverged", f"{type(err).__name__}: {err}"
+    except Exception as err:
+        # a numerical failure mid-run is a divergence; anything else is a bug: recorded, re-raised
+        status, error = ("diverged" if _numerical(err) else "failed"), f"{type(err).__name__}: {err}"
+        if status == "failed":
+            raise
     finally:
         _write_results(out_dir, rows, diag_rows)
         summary.update({
             "status": status, "error": error, "best_train_loss": best if math.isfinite(best) else None,
             "best_epoch": best_epoch, "epochs_run": len(rows), "iterations": iterations,
             "final_train_loss": rows[-1]["train_loss"] if rows else None,
-            "wall_time": time.perf_counter() - t0, "complete": True,
+            "wall_time": time.perf_counter() - t0, "complete": status != "failed",
         })
         atomic_write_json(out_dir / "summary.json", summary)
         if wandb_run is not None:
             wandb_run.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
             wandb_run.finish(exit_code=0 if status == "completed" else 1)
     return summary
+
+
+def _numerical(err: Exception) -> bool:
+    """Whether an exception is a numerical breakdown (NaN/inf, singular or unconverged linear algebra)."""
+    if isinstance(err, (torch.linalg.LinAlgError, FloatingPointError)):
+        return True
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and any(w in text for w in ("nan", "inf", "singular", "converge"))
 
 
 def _write_results(out_dir: Path, rows: list[dict], diag_rows: list[dict]) -> None:

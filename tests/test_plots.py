@@ -78,5 +78,17 @@ def test_notebook_runs_on_committed_results():
     if not (repo / "results" / "figures" / "quick" / "figure4.csv").exists():
         pytest.fail("the committed quick-profile results (results/figures/quick) are missing")
     nb = nbformat.read(repo / "notebooks" / "explore_results.ipynb", as_version=4)
-    NotebookClient(nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(repo / "notebooks")}}).execute()
+    client = NotebookClient(nb, timeout=120, kernel_name="python3",
+                            resources={"metadata": {"path": str(repo / "notebooks")}})
+    client.execute()
     assert any(o.get("output_type") == "execute_result" for c in nb.cells for o in c.get("outputs", []))
+
+
+def test_reproduce_stops_early_when_data_is_missing(tmp_path, capsys):
+    from kfac2l.reproduce import main
+
+    code = main(["--figure", "3", "--panels", "cuda_convnet", "--results", str(tmp_path),
+                 "--data", str(tmp_path / "data")])
+    assert code == 3
+    assert "cifar-10" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()  # nothing trained

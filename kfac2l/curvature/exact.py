@@ -17,12 +17,13 @@ from kfac2l.curvature.fisher import LayerGroup, combine, jt, per_sample_gradient
 def natural_gradient(groups: list[LayerGroup], grad: list[torch.Tensor], damping: float) -> list[torch.Tensor]:
     """zeta = F_bullet^{-1} grad for a layered vector with k columns ((L, k, O, I) per group).
 
-    The B x B system is solved in float64 by Cholesky (it is SPD since lambda > 0).
+    The Gram matrix and the B x B system are formed in float64 and solved through the
+    eigen-decomposition of the (PSD) Gram matrix, whose eigenvalues are clamped at 0 before
+    B lambda is added: rounding can never make the system indefinite, and nothing synchronises.
     """
     batch = groups[0].a.shape[1]
-    gram = per_sample_gradient_gram(groups).double()
-    system = gram + batch * damping * torch.eye(batch, dtype=gram.dtype, device=gram.device)
-    rhs = jt(groups, grad).double()  # (k, B)
-    chol = torch.linalg.cholesky(system)
-    coeff = torch.cholesky_solve(rhs.T, chol).T.to(grad[0].dtype)  # (k, B)
-    return [(g - combine(grp, coeff)) / damping for grp, g in zip(groups, grad)]
+    exact = [LayerGroup(g.indices, g.a.double(), g.g.double()) for g in groups]
+    evals, evecs = torch.linalg.eigh(per_sample_gradient_gram(exact))
+    rhs = jt(exact, [g.double() for g in grad])  # (k, B)
+    coeff = ((rhs @ evecs) / (evals.clamp_min(0) + batch * damping)) @ evecs.T  # (k, B)
+    return [(g - combine(grp, coeff.to(g.dtype))) / damping for grp, g in zip(groups, grad)]

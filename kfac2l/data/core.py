@@ -118,8 +118,9 @@ def _stage_debian_fashion_mnist(root: Path) -> str | None:
     """Copy Debian's gzipped IDX files (package dataset-fashion-mnist) into torchvision's layout."""
     raw = root / "FashionMNIST" / "raw"
     names = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+    marker = raw / "SOURCE"  # remembers that the files were staged from Debian's package
     if all((raw / n).exists() for n in names):
-        return None
+        return marker.read_text().strip() if marker.exists() else None
     if not all((DEBIAN_FASHION_MNIST / f"{n}.gz").exists() for n in names):
         return None
     raw.mkdir(parents=True, exist_ok=True)
@@ -128,7 +129,9 @@ def _stage_debian_fashion_mnist(root: Path) -> str | None:
         with gzip.open(DEBIAN_FASHION_MNIST / f"{n}.gz", "rb") as src, open(tmp, "wb") as dst:
             shutil.copyfileobj(src, dst)
         tmp.replace(raw / n)
-    return f"debian:{DEBIAN_FASHION_MNIST}"
+    source = f"debian:{DEBIAN_FASHION_MNIST} (package dataset-fashion-mnist)"
+    marker.write_text(source + "\n")
+    return source
 
 
 def _missing_message(name: str, root: Path, err: Exception) -> str:

@@ -257,7 +257,8 @@ class KFAC(CurvaturePreconditioner):
         self._kron_damping = None
 
     def needs_curvature(self) -> bool:
-        return self.factors is None or self.steps % self.cov_interval == 0
+        due = self.factors is None or self.steps % self.cov_interval == 0
+        return due or self.exact_reference  # the exact reference needs this step's Fisher batch
 
     def _on_fisher_batch(self) -> None:
         key = tuple(tuple(g.indices) for g in self.groups)

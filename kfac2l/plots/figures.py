@@ -13,10 +13,12 @@ loss per optimiser per panel, epochs run). Titles state the profile and the data
 
 from __future__ import annotations
 
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -71,6 +73,14 @@ def _grid(n: int) -> tuple[int, int]:
     return (3, 3) if n == 9 else (1, n)
 
 
+def _width(n_cols: int) -> float:
+    return max(4.4 * n_cols, 7.5)
+
+
+def _title(fig, text: str) -> None:
+    fig.suptitle(textwrap.fill(text, 95), fontsize=9)
+
+
 def _provenance(frames: list[pd.DataFrame], profile: str) -> str:
     sources = sorted({str(s) for f in frames if "data_source" in f for s in f["data_source"].dropna().unique()})
     data = "; ".join(s.split(" md5")[0] for s in sources) if sources else "no results"
@@ -81,7 +91,7 @@ def _provenance(frames: list[pd.DataFrame], profile: str) -> str:
 def plot_loss_figure(figure: int, panels: list[str], root: Path, out: Path, profile: str):
     """Figures 2-4: training loss (log) against epoch, mean over seeds, one curve per optimiser."""
     rows, cols = _grid(len(panels))
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(_width(cols), 3.4 * rows + 1.0), squeeze=False)
     plotted, summaries, frames = [], [], []
     for ax, name in zip(axes.flat, panels):
         panel = PANELS[name]
@@ -103,15 +113,15 @@ def plot_loss_figure(figure: int, panels: list[str], root: Path, out: Path, prof
         summaries.append(table.assign(panel=name))
     handles, labels = next(((h, lab) for h, lab in (a.get_legend_handles_labels() for a in axes.flat) if h), ([], []))
     if handles:
-        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 10), fontsize=8, frameon=False)
-    fig.suptitle(f"Figure {figure}: training loss - {_provenance(frames, profile)}", fontsize=10)
-    fig.tight_layout(rect=(0, 0.06, 1, 0.95))
+        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), fontsize=8, frameon=False)
+    _title(fig, f"Figure {figure}: training loss - {_provenance(frames, profile)}")
+    fig.tight_layout(rect=(0, 0.1, 1, 0.94))
     return _save(fig, out, figure, plotted, summaries)
 
 
 def plot_gap_figure(figure: int, panels: list[str], root: Path, out: Path, profile: str, max_iter: int = 20000):
     """Figure 5: E(beta*) - E(0) (eq. 4.6) of each two-level method, smoothed with sigma = 3."""
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(_width(len(panels)), 4.2), squeeze=False)
     plotted, frames = [], []
     for ax, name in zip(axes.flat, panels):
         diag = load_diagnostics(root / profile / name)
@@ -125,22 +135,31 @@ def plot_gap_figure(figure: int, panels: list[str], root: Path, out: Path, profi
             continue
         diag = diag[diag["iteration"] <= max_iter]
         mean = diag.groupby(["optimizer", "iteration"])["gap"].mean().reset_index()
+        mine = []
         for opt in [o for o in TWO_LEVEL if o in set(mean["optimizer"])]:
             sub = mean[mean["optimizer"] == opt].sort_values("iteration")
             smooth = gaussian_filter1d(sub["gap"].to_numpy(), sigma=3)
             ax.plot(sub["iteration"], smooth, label=LABELS[opt], color=COLORS[opt], lw=1.2)
-            plotted.append(sub.assign(gap_smoothed=smooth, panel=name))
-        ax.set_yscale("symlog", linthresh=1e-6)
-        ax.legend(fontsize=7)
-    fig.suptitle(f"Figure {figure}: gap of eq. (4.6) - {_provenance(frames, profile)}", fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 0.93))
+            mine.append(sub.assign(gap_smoothed=smooth, panel=name))
+        plotted += mine
+        if mine:  # symmetric log scale: gaps span many decades and both signs
+            values = pd.concat(mine)["gap_smoothed"].abs()
+            linthresh = max(float(values.quantile(0.1)), 1e-12)
+            ax.set_yscale("symlog", linthresh=linthresh)
+            locator = matplotlib.ticker.SymmetricalLogLocator(base=10, linthresh=linthresh)
+            locator.set_params(numticks=6)
+            ax.yaxis.set_major_locator(locator)
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    _title(fig, f"Figure {figure}: gap of eq. (4.6) (negative = closer to the natural gradient than KFAC) - "
+                f"{_provenance(frames, profile)}")
+    fig.tight_layout(rect=(0, 0, 1, 0.92))
     return _save(fig, out, figure, plotted, [])
 
 
 def plot_distance_figure(figure: int, panels: list[str], root: Path, out: Path, profile: str):
     """Figure 6: true ||zeta_x - zeta||^2_{F_bullet} for KFAC and each two-level step (top), ratio
     two-level / KFAC (bottom); ratio < 1 means the two-level step is closer to natural gradient."""
-    fig, axes = plt.subplots(2, len(panels), figsize=(4.4 * len(panels), 6.2), squeeze=False)
+    fig, axes = plt.subplots(2, len(panels), figsize=(_width(len(panels)), 7.0), squeeze=False)
     plotted, frames = [], []
     for col, name in enumerate(panels):
         top, bottom = axes[0, col], axes[1, col]
@@ -165,9 +184,9 @@ def plot_distance_figure(figure: int, panels: list[str], root: Path, out: Path, 
         top.set_yscale("log")
         bottom.set_yscale("log")
         top.legend(fontsize=7, title="solid: two-level, dashed: KFAC", title_fontsize=7)
-    fig.suptitle(f"Figure {figure}: true distance to the exact natural gradient - {_provenance(frames, profile)}",
-                 fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 0.94))
+    _title(fig, f"Figure {figure}: true squared F-distance to the exact natural-gradient step - "
+                f"{_provenance(frames, profile)}")
+    fig.tight_layout(rect=(0, 0, 1, 0.92))
     return _save(fig, out, figure, plotted, [])
 
 
