@@ -39,9 +39,11 @@ fashion-mnist:
 		echo "dataset-fashion-mnist not installable; torchvision will try to download Fashion-MNIST"
 
 # README's main job: KFAC, every two-level method, ADAM and SGD on deep linear A / Fashion-MNIST.
+# Trains everything afresh under $(DEMO_RESULTS); `make demo DEMO_RESULTS=results` refreshes the committed results.
+DEMO_RESULTS ?= results/demo
 demo: $(STAMP) fashion-mnist
 	$(BIN)/python -m kfac2l.reproduce --figure 4 --panels deep_linear_a --profile quick --grid demo \
-		--extra-figures 5 6
+		--extra-figures 5 6 --results $(DEMO_RESULTS)
 
 reproduce-figure%: $(STAMP)
 	$(BIN)/python -m kfac2l.reproduce --figure $* --profile $(PROFILE) --launcher $(LAUNCHER)

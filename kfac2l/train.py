@@ -177,8 +177,13 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
     """Run one training and write its files into ``out_dir``; returns the summary."""
     out_dir = Path(out_dir)
     if is_complete(out_dir):
-        print(f"[kfac2l] {out_dir} is complete; skipped", file=sys.stderr)
-        return json.loads((out_dir / "summary.json").read_text())
+        done = json.loads((out_dir / "summary.json").read_text())
+        lr, opts = optimizer_options(cfg)
+        # a 'best' run is reused only if the selection has not changed since it ran
+        if (done.get("lr"), done.get("damping")) == (lr, opts.get("damping")):
+            print(f"[kfac2l] {out_dir} is complete; skipped", file=sys.stderr)
+            return done
+        print(f"[kfac2l] {out_dir} ran another setting; rerunning", file=sys.stderr)
     task, data, model, lr, opts = prepare(cfg)
     device = _device(cfg.device)
     model.to(device)

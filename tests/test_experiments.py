@@ -174,7 +174,12 @@ def test_grid_sweep_then_select(data_root, tmp_path):
     best = pd.read_csv(tables / "quick" / "deep_linear_a" / "best_settings.csv")
     assert list(best["optimizer"]) == ["kfac"] and best["lr"].iloc[0] == 1e-2  # lr=1e4 diverged, excluded
     cfg = _cfg(["optimizer=kfac", "use_best=true", f"paths.tables={tables}", *_quick(data_root)])
-    assert train(cfg, tmp_path / "final")["lr"] == 1e-2
+    first_final = train(cfg, tmp_path / "final")
+    assert first_final["lr"] == 1e-2
+    assert train(cfg, tmp_path / "final")["wall_time"] == first_final["wall_time"]  # reused
+    path = tables / "quick" / "deep_linear_a" / "best_settings.yaml"
+    path.write_text(path.read_text().replace("lr: 0.01", "lr: 0.001"))
+    assert train(cfg, tmp_path / "final")["lr"] == 1e-3  # selection changed: rerun
 
 
 def test_fashion_mnist_fixture_only_where_debian_absent(tmp_path):
