@@ -22,12 +22,12 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
 from hydra import compose, initialize_config_dir
 
 from kfac2l.data import DataMissingError
 from kfac2l.plots.figures import FIGURES, PANELS, plot_figure
 from kfac2l.plots.results import summary_table
+from kfac2l.select import read_selection
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 NO_CURVATURE = ("sgd", "adam")
@@ -72,7 +72,7 @@ def run_panel(panel, profile: str, launcher: str, results: Path, seeds: list[int
                     "--runs", str(runs), "--tables", str(results / "tables")], check=True)
     # 3. final seeded runs with the selected settings (and the diagnostics of Figures 5-6);
     #    an optimiser none of whose cells completed has no setting and is reported, not run
-    best = _selected(results / "tables" / profile / panel.name)
+    best = read_selection(results / "tables" / profile / panel.name)
     missing = [o for o in panel.optimizers if o not in best]
     if missing:
         print(f"[reproduce] {panel.name}: no completed grid cell for {missing}; no final run for them", flush=True)
@@ -81,11 +81,6 @@ def run_panel(panel, profile: str, launcher: str, results: Path, seeds: list[int
     for group, extra in (([o for o in curvature if o in best], diag), ([o for o in plain if o in best], [])):
         if group:
             _train([*finals, f"optimizer={','.join(group)}", *extra])
-
-
-def _selected(table_dir: Path) -> dict:
-    path = table_dir / "best_settings.yaml"
-    return (yaml.safe_load(path.read_text()) or {}) if path.exists() else {}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -55,6 +55,12 @@ def best_settings(runs: pd.DataFrame) -> pd.DataFrame:
     return best.sort_values("best_train_loss").reset_index(drop=True)
 
 
+def read_selection(table_dir: str | Path) -> dict:
+    """optimizer -> {lr, damping, best_train_loss} from ``best_settings.yaml`` ({} if absent)."""
+    path = Path(table_dir) / "best_settings.yaml"
+    return (yaml.safe_load(path.read_text()) or {}) if path.exists() else {}
+
+
 def write_selection(best: pd.DataFrame, out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_csv(out_dir / "best_settings.csv", best)

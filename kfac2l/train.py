@@ -5,8 +5,9 @@ an option that does not apply or a missing data file stops the run with a messag
 A run writes, atomically, into its own directory:
 
   metrics.csv      one row per epoch: epoch, iterations, train_loss, test_loss, test_accuracy, wall_time
-  summary.json     status (completed | diverged | failed), best loss and epoch, epochs run,
-                   resolved hyper-parameters, git commit, profile, data source; complete = true
+  summary.json     status (completed | diverged | failed | interrupted), best loss and epoch,
+                   epochs run, resolved hyper-parameters, git commit, profile, data source;
+                   complete = true for completed and diverged runs (the others rerun)
   config.yaml      the resolved configuration
   diagnostics.csv  (diagnostics=true) per iteration: gap (4.6), and with exact_reference=true the
                    true F_bullet-distances of the KFAC and two-level steps to the exact NG step
@@ -28,15 +29,16 @@ from pathlib import Path
 import hydra
 import pandas as pd
 import torch
-import yaml
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from kfac2l.data import DataSplits, TensorBatches, load_dataset
+from kfac2l.data.core import as_float
 from kfac2l.io import atomic_write_csv, atomic_write_json, atomic_write_text, git_commit
 from kfac2l.models import MODELS, build_model
 from kfac2l.optim import REGISTRY, make_optimizer
 from kfac2l.optim.step import get_task, training_step
+from kfac2l.select import read_selection
 
 DIVERGENCE_FACTOR = 1e3
 
@@ -74,7 +76,7 @@ def optimizer_options(cfg: DictConfig) -> tuple[float, dict]:
         path = best_settings_path(cfg)
         if not path.exists():
             raise ConfigError(f"use_best=true but {path} does not exist; run `python -m kfac2l.select` first")
-        best = yaml.safe_load(path.read_text()) or {}
+        best = read_selection(path.parent)
         if name not in best:
             raise ConfigError(f"{path} has no selected setting for optimizer {name!r} (has {sorted(best)})")
         lr, damping = best[name]["lr"], best[name].get("damping")
@@ -151,8 +153,7 @@ def evaluate(model, task, x, y, device, batch: int = 1024) -> tuple[float, float
     model.eval()
     total, correct, n = 0.0, 0, 0
     for k in range(0, x.shape[0], batch):
-        xb = x[k : k + batch].to(device)
-        xb = xb.float().div_(255.0) if xb.dtype == torch.uint8 else xb
+        xb = as_float(x[k : k + batch].to(device))
         out = model(xb)
         target = xb if task.autoencoder else y[k : k + batch].to(device)
         total += task.loss(out, target).item() * xb.shape[0]
@@ -163,21 +164,20 @@ def evaluate(model, task, x, y, device, batch: int = 1024) -> tuple[float, float
     return total / max(n, 1), (None if task.autoencoder else correct / max(n, 1))
 
 
-def is_complete(out_dir: Path) -> bool:
-    path = out_dir / "summary.json"
-    if not path.exists():
-        return False
+def completed_summary(out_dir: Path) -> dict | None:
+    """The summary of a finished run in ``out_dir`` (complete = true), else None."""
     try:
-        return bool(json.loads(path.read_text()).get("complete"))
+        summary = json.loads((out_dir / "summary.json").read_text())
     except (json.JSONDecodeError, OSError):
-        return False
+        return None
+    return summary if summary.get("complete") else None
 
 
 def train(cfg: DictConfig, out_dir: Path) -> dict:
     """Run one training and write its files into ``out_dir``; returns the summary."""
     out_dir = Path(out_dir)
-    if is_complete(out_dir):
-        done = json.loads((out_dir / "summary.json").read_text())
+    done = completed_summary(out_dir)
+    if done is not None:
         lr, opts = optimizer_options(cfg)
         # a 'best' run is reused only if the selection has not changed since it ran
         if (done.get("lr"), done.get("damping")) == (lr, opts.get("damping")):
@@ -202,7 +202,7 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
     }
     wandb_run = _wandb_init(cfg, summary, out_dir)
     rows, diag_rows = [], []
-    status, error = "completed", None
+    status, error, finished = "completed", None, False
     best, best_epoch, start_loss, since_best, iterations = math.inf, 0, None, 0, 0
     t0 = time.perf_counter()
     try:
@@ -231,18 +231,21 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
                 since_best += 1
                 if since_best >= cfg.profile.patience:
                     break
+        finished = True
     except Exception as err:
         # a numerical failure mid-run is a divergence; anything else is a bug: recorded, re-raised
         status, error = ("diverged" if _numerical(err) else "failed"), f"{type(err).__name__}: {err}"
         if status == "failed":
             raise
     finally:
+        if not finished and status == "completed":  # interrupted (e.g. Ctrl-C, job time limit)
+            status = "interrupted"
         _write_results(out_dir, rows, diag_rows)
         summary.update({
             "status": status, "error": error, "best_train_loss": best if math.isfinite(best) else None,
             "best_epoch": best_epoch, "epochs_run": len(rows), "iterations": iterations,
             "final_train_loss": rows[-1]["train_loss"] if rows else None,
-            "wall_time": time.perf_counter() - t0, "complete": status != "failed",
+            "wall_time": time.perf_counter() - t0, "complete": status in ("completed", "diverged"),
         })
         atomic_write_json(out_dir / "summary.json", summary)
         if wandb_run is not None:

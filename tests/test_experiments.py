@@ -186,3 +186,16 @@ def test_fashion_mnist_fixture_only_where_debian_absent(tmp_path):
     write_mnist_like(tmp_path, "FashionMNIST")
     d = load_dataset("fashion_mnist", tmp_path, download=False)
     assert d.x_train.shape[0] == 160 and d.source == "torchvision"
+
+
+def test_interrupted_run_is_not_complete(data_root, tmp_path, monkeypatch):
+    import kfac2l.train as runner
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "training_step", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(["optimizer=kfac", *_quick(data_root)]), tmp_path / "run")
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and not summary["complete"]

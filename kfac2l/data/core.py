@@ -69,10 +69,11 @@ class TensorBatches:
         perm = torch.randperm(self.x.shape[0], generator=self.generator).to(self.x.device)
         for k in range(len(self)):
             idx = perm[k * self.batch_size : (k + 1) * self.batch_size]
-            yield _as_float(self.x[idx]), (self.y[idx] if self.y is not None else None)
+            yield as_float(self.x[idx]), (self.y[idx] if self.y is not None else None)
 
 
-def _as_float(x: torch.Tensor) -> torch.Tensor:
+def as_float(x: torch.Tensor) -> torch.Tensor:
+    """uint8 images -> float in [0, 1]; float data unchanged."""
     return x.float().div_(255.0) if x.dtype == torch.uint8 else x
 
 
