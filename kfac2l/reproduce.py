@@ -11,7 +11,8 @@ so rerunning after an interruption redoes only what is missing. Layout under ``r
   final/<profile>/<panel>/<optimizer>/lr=...,damping=...,seed=S/  runs with the selected setting
   figures/<profile>/figureN.{png,csv}, figureN_summary.csv
 
-A panel whose data set is missing stops the pipeline before any training, with the data message.
+A panel whose data set is missing is left out before any training, with the data message; the
+figure shows it as "no results" (exit code 3 when no panel of the figure can run).
 """
 
 from __future__ import annotations
@@ -103,19 +104,22 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     seeds = args.seeds or ([1, 2, 3] if args.profile == "paper" else [1])
     results = Path(args.results)
-    try:
-        for name in panels:
+    available = []
+    for name in panels:  # a panel whose data is missing is reported and left out, before any training
+        try:
             check_data(PANELS[name], args.profile, args.data)
-    except DataMissingError as err:
-        print(f"kfac2l.reproduce: figure {args.figure} cannot run here: {err}", file=sys.stderr)
+            available.append(name)
+        except DataMissingError as err:
+            print(f"kfac2l.reproduce: panel {name} of figure {args.figure} cannot run here: {err}", file=sys.stderr)
+    if not available:
         return 3
     start = time.perf_counter()
-    for name in panels:
+    for name in available:
         run_panel(PANELS[name], args.profile, args.launcher, results, seeds, SEARCH[args.grid or args.profile],
                   args.data)
     written = [plot_figure(args.figure, results, args.profile, panels)]
     written += [plot_figure(f, results, args.profile, panels) for f in args.extra_figures]
-    for name in panels:
+    for name in available:
         print(f"\n{PANELS[name].title} ({args.profile} profile): best training loss per optimiser")
         print(summary_table(results / "final" / args.profile / name).to_string(index=False))
     print(f"\nfinished in {time.perf_counter() - start:.0f} s; files:")

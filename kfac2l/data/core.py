@@ -151,7 +151,7 @@ def _missing_message(name: str, root: Path, err: Exception) -> str:
         "svhn": "http://ufldl.stanford.edu/housenumbers/",
     }[name]
     return (f"data set {name!r} not found and not downloadable ({type(err).__name__}: {err}). "
-            f"Put it under {where}; download from {urls} (or rerun with dataset.download=true where the "
+            f"Put it under {where}; download it from {urls} (dataset.download=true fetches it where the "
             f"network allows).")
 
 
