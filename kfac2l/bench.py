@@ -1,6 +1,7 @@
 """Per-step time and peak memory of every optimiser on the paper's architectures.
 
-    python -m kfac2l.bench [--problems mnist_ae cuda_convnet] [--optimizers ...] [--json]
+    python -m kfac2l.bench [--problems mnist_ae cuda_convnet] [--optimizers ...] [--rounds 3]
+                           [--schedules paper every-step] [--json]
 
 For each problem and schedule it times full training steps (Fisher pass when due, forward,
 backward, preconditioning, base step) with synthetic inputs of the problem's shape, and prints
@@ -12,7 +13,8 @@ Schedules:
               median step is a non-refresh step; ``amortised`` adds 1/100 of a refresh step.
   every-step  T_cov = T_inv = 1 (everything refreshed every step).
 
-Each (problem, optimiser) runs in its own process so that peak memory is its own: CUDA peak
+Each (problem, optimiser) runs in its own process, ``--rounds`` times, interleaved with the other
+optimisers; the timed steps of all rounds are pooled. Peak memory is the process's own: CUDA peak
 allocated memory on a GPU, peak resident set size (whole process, incl. model and data) on CPU.
 """
 
@@ -28,6 +30,7 @@ import sys
 import time
 
 import torch
+from tqdm import tqdm
 
 from kfac2l.models import MODELS, build_model
 from kfac2l.optim import OPTIMIZERS, make_optimizer
@@ -52,8 +55,13 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def run_worker(problem: str, optimizer: str, device: str, steps: int, warmup: int, batch: int | None) -> dict:
-    """Time one optimiser on one problem at both schedules (in this process)."""
+def run_worker(
+    problem: str, optimizer: str, device: str, steps: int, warmup: int, batch: int | None,
+    schedules: tuple[str, ...] = tuple(SCHEDULES),
+) -> dict:
+    """Time one optimiser on one problem at the given schedules (in this process).
+
+    Each schedule entry holds the timed steps (``times_s``) so that rounds can be pooled."""
     dev = torch.device(device)
     model_name, task_name, default_batch = PROBLEMS[problem]
     batch = batch or default_batch
@@ -63,7 +71,8 @@ def run_worker(problem: str, optimizer: str, device: str, steps: int, warmup: in
     x = torch.rand(batch, *spec.input_shape, device=dev)
     y = None if task.autoencoder else torch.randint(0, spec.num_outputs, (batch,), device=dev)
     result = {"problem": problem, "optimizer": optimizer, "batch": batch, "device": device}
-    for schedule, interval in SCHEDULES.items():
+    for schedule in schedules:
+        interval = SCHEDULES[schedule]
         model = build_model(model_name, seed=0).to(dev)
         opts = {}
         if optimizer not in ("sgd", "adam"):
@@ -84,12 +93,7 @@ def run_worker(problem: str, optimizer: str, device: str, steps: int, warmup: in
                 refresh = dt  # step 0 refreshes factors and inverses (includes first-call overheads)
             if k >= warmup:
                 times.append(dt)
-        median = statistics.median(times)
-        result[schedule] = {
-            "median_s": median,
-            "refresh_s": refresh,
-            "amortised_s": median + (refresh - median) / interval if interval > 1 else median,
-        }
+        result[schedule] = {"times_s": times, "refresh_s": [refresh], "interval": interval}
     if dev.type == "cuda":
         result["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
     else:
@@ -97,9 +101,31 @@ def run_worker(problem: str, optimizer: str, device: str, steps: int, warmup: in
     return result
 
 
+def summarise(runs: list[dict]) -> dict:
+    """Pool the timed steps of several rounds of one (problem, optimiser): median step time,
+    median refresh step and the amortised step (median + 1/interval of the refresh's excess)."""
+    row = {k: runs[0][k] for k in ("problem", "optimizer", "batch", "device")}
+    row["rounds"] = len(runs)
+    row["peak_mem_mb"] = max(r["peak_mem_mb"] for r in runs)
+    for schedule in SCHEDULES:
+        if schedule not in runs[0]:
+            continue
+        times = [t for r in runs for t in r[schedule]["times_s"]]
+        refresh = statistics.median([t for r in runs for t in r[schedule]["refresh_s"]])
+        interval = runs[0][schedule]["interval"]
+        median = statistics.median(times)
+        row[schedule] = {
+            "median_s": median,
+            "refresh_s": refresh,
+            "amortised_s": median + max(refresh - median, 0.0) / interval if interval > 1 else median,
+            "steps": len(times),
+        }
+    return row
+
+
 def _spawn(problem, optimizer, args) -> dict:
     cmd = [sys.executable, "-m", "kfac2l.bench", "--worker", problem, optimizer, "--device", args.device,
-           "--steps", str(args.steps), "--warmup", str(args.warmup)]
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--schedules", *args.schedules]
     if args.batch:
         cmd += ["--batch", str(args.batch)]
     out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
@@ -113,6 +139,8 @@ def ratios(rows: list[dict]) -> list[dict]:
     by = {(r["problem"], r["optimizer"]): r for r in rows}
     for r in rows:
         for schedule in SCHEDULES:
+            if schedule not in r:
+                continue
             s = r[schedule]
             for ref in ("sgd", "kfac"):
                 other = by.get((r["problem"], ref))
@@ -130,8 +158,9 @@ def print_table(rows: list[dict]) -> None:
             f" | {'every ms':>9} {'/SGD':>5} {'/KFAC':>6} | {'peak MB':>8}")
     print(head)
     print("-" * len(head))
+    nan = {"median_s": float("nan")}
     for r in rows:
-        p, e = r["paper"], r["every-step"]
+        p, e = r.get("paper", nan), r.get("every-step", nan)
         print(f"{r['problem']:13} {r['batch']:5d} {r['optimizer']:10} | {1e3 * p['median_s']:9.1f} "
               f"{p.get('vs_sgd', float('nan')):5.2f} {p.get('vs_kfac', float('nan')):6.2f} "
               f"{p.get('amortised_vs_kfac', float('nan')):10.2f} | {1e3 * e['median_s']:9.1f} "
@@ -146,18 +175,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=8, help="timed steps after warm-up")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--batch", type=int, default=None, help="override the problem's batch size")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="run every optimiser this many times, interleaved, and pool the steps "
+                             "(spreads slow drifts of a shared machine over all optimisers)")
+    parser.add_argument("--schedules", nargs="+", default=list(SCHEDULES), choices=list(SCHEDULES))
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--worker", nargs=2, metavar=("PROBLEM", "OPTIMIZER"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.rounds < 1 or args.steps < 1 or args.warmup < 1:
+        parser.error(f"--rounds, --steps and --warmup must be >= 1, got {args.rounds}, {args.steps}, {args.warmup}")
     if args.worker:
-        print(json.dumps(run_worker(*args.worker, args.device, args.steps, args.warmup, args.batch)))
+        result = run_worker(*args.worker, args.device, args.steps, args.warmup, args.batch, tuple(args.schedules))
+        print(json.dumps(result))
         return 0
     optimizers = list(dict.fromkeys(["sgd", "kfac", *args.optimizers]))
     rows = []
     for problem in args.problems:
-        for opt in optimizers:
-            rows.append(_spawn(problem, opt, args))
-            print(f"  measured {problem}/{opt}", file=sys.stderr, flush=True)
+        runs: dict[str, list[dict]] = {opt: [] for opt in optimizers}
+        for k in tqdm(range(args.rounds * len(optimizers)), desc=f"bench {problem}", file=sys.stderr):
+            opt = optimizers[k % len(optimizers)]
+            runs[opt].append(_spawn(problem, opt, args))
+        rows.extend(summarise(runs[opt]) for opt in optimizers)
     rows = ratios(rows)
     if args.json:
         print(json.dumps(rows, indent=2))

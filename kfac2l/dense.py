@@ -75,6 +75,7 @@ def basis_matrix(groups, slices, basis: list[torch.Tensor], p: int) -> torch.Ten
     """The explicit R0^T (p x m) of a block-diagonal basis, columns in the library's order."""
     cols = []
     for g, v in zip(groups, basis):
+        v = v.dense() if hasattr(v, "dense") else v  # RankOne factors
         for row, i in enumerate(g.indices):
             for k in range(v.shape[1]):
                 c = torch.zeros(p, dtype=v.dtype)

@@ -9,7 +9,15 @@ from torch import nn
 
 import kfac2l
 import kfac2l.dense as dense
-from kfac2l.curvature.fisher import coarse_operator, fisher_vector_product, group_layers
+from kfac2l.curvature.fisher import (
+    RankOne,
+    block_gram,
+    coarse_operator,
+    fisher_vector_product,
+    group_layers,
+    prolong,
+    restrict,
+)
 from kfac2l.curvature.kronecker import FactorState, batch_factors
 from kfac2l.curvature.layers import layer_inputs, layer_output_grads
 from kfac2l.curvature.likelihood import summed_nll
@@ -99,12 +107,17 @@ def test_kfac_step_matches_dense(kind, mode):
     assert rel(step, torch.linalg.solve(kfac, grad)) < 1e-10
 
 
-@pytest.mark.parametrize("kind", ["mlp", "cnn"])
-def test_fisher_vector_product_matches_dense(kind):
+def _dense_fisher_and_groups(kind):
+    """Explicit F_bullet, the library's layer groups of the same Fisher batch, and layer slices."""
     p = Problem(kind)
     _, fisher, _, data = p.dense(LAM)
     groups = group_layers([a for a, _ in data], [g for _, g in data])
-    slices = dense.layer_slices(p.model)
+    return fisher, groups, dense.layer_slices(p.model)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_fisher_vector_product_matches_dense(kind):
+    fisher, groups, slices = _dense_fisher_and_groups(kind)
     u = torch.randn(3, fisher.shape[0], dtype=torch.float64)
     out = fisher_vector_product(groups, dense.to_layered(groups, slices, u), LAM)
     flat = dense.from_layered(groups, slices, out, fisher.shape[0])
@@ -114,14 +127,30 @@ def test_fisher_vector_product_matches_dense(kind):
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
 def test_coarse_operator_matches_dense(kind):
     """F_coarse = R0 F_bullet R0^T including the lambda V_i^T V_j terms (A15-A16)."""
-    p = Problem(kind)
-    _, fisher, _, data = p.dense(LAM)
-    groups = group_layers([a for a, _ in data], [g for _, g in data])
-    slices = dense.layer_slices(p.model)
+    fisher, groups, slices = _dense_fisher_and_groups(kind)
     gen = torch.Generator().manual_seed(5)
     basis = [torch.randn(len(g.indices), 2, *g.shape, generator=gen, dtype=torch.float64) for g in groups]
     r0t = dense.basis_matrix(groups, slices, basis, fisher.shape[0])
     assert rel(coarse_operator(groups, basis, LAM), r0t.T @ fisher @ r0t) < 1e-12
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_rank_one_basis_matches_its_dense_matrices(kind):
+    """Factored columns u w^T give the same R0 F_bullet R0^T, block Gram, R0 u and R0^T beta."""
+    fisher, groups, slices = _dense_fisher_and_groups(kind)
+    gen = torch.Generator().manual_seed(7)
+    factored = [RankOne(torch.randn(len(g.indices), 2, g.shape[0], generator=gen, dtype=torch.float64),
+                        torch.randn(len(g.indices), 2, g.shape[1], generator=gen, dtype=torch.float64))
+                for g in groups]
+    full = [b.dense() for b in factored]
+    r0t = dense.basis_matrix(groups, slices, full, fisher.shape[0])
+    assert rel(coarse_operator(groups, factored, LAM), r0t.T @ fisher @ r0t) < 1e-12
+    assert rel(block_gram(factored), r0t.T @ r0t) < 1e-12
+    u = torch.randn(1, fisher.shape[0], dtype=torch.float64, generator=gen)
+    assert rel(restrict(factored, dense.to_layered(groups, slices, u)), r0t.T @ u[0]) < 1e-12
+    beta = torch.randn(r0t.shape[1], dtype=torch.float64, generator=gen)
+    back = dense.from_layered(groups, slices, prolong(factored, beta), fisher.shape[0])
+    assert rel(back[0], r0t @ beta) < 1e-12
 
 
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
@@ -255,6 +284,30 @@ def test_batchnorm_keeps_plain_gradient_and_intervals():
         pre.step()
         assert torch.equal(model[1].weight.grad, bn_grad)
     assert pattern == [True, False, False, True, False, False]
+
+
+def test_forward_passes_are_captured_only_while_a_fisher_batch_is_wanted():
+    """Between factor refreshes KFAC captures nothing and update_curvature costs nothing; after
+    the Fisher batch is taken, the main forward pass is not captured either."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    pre = kfac2l.KFAC(model, damping=0.1, cov_interval=2, inv_interval=2)
+    captured = []
+    for _ in range(4):
+        out = model(x)
+        captured.append(all(o is not None for o in pre.capture.outputs))
+        pre.update_curvature(out)  # called every step, as in the README's loop
+        model(x)  # a second forward after the Fisher batch was taken
+        assert all(o is None for o in pre.capture.outputs)
+        nn.functional.cross_entropy(out, y).backward()
+        pre.step()
+    assert captured == [True, False, True, False]
+    assert pre.factors[0].updates == 2
+    with pytest.raises(RuntimeError, match="already taken"):
+        model(x)
+        pre.update_curvature(model(x))
+        pre.update_curvature(model(x))
 
 
 def test_two_level_requires_fresh_fisher_batch():

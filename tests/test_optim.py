@@ -55,3 +55,34 @@ def test_each_optimizer_reduces_the_loss(name):
     with torch.no_grad():
         end = task.loss(model.eval()(x), y).item()
     assert end < 0.9 * start, (start, end)
+
+
+def test_bench_pools_rounds_and_computes_ratios():
+    from kfac2l.bench import ratios, summarise
+
+    def run(opt, times, refresh):
+        return {"problem": "p", "optimizer": opt, "batch": 4, "device": "cpu", "peak_mem_mb": 1.0,
+                "paper": {"times_s": times, "refresh_s": [refresh], "interval": 100}}
+
+    rows = [
+        summarise([run("sgd", [1.0, 3.0], 1.0), run("sgd", [2.0], 1.0)]),
+        summarise([run("kfac", [2.0, 2.0], 102.0), run("kfac", [9.0], 102.0)]),
+        summarise([run("nico", [3.0], 3.0)]),
+    ]
+    rows = ratios(rows)
+    sgd, kfac, nico = (r["paper"] for r in rows)
+    assert sgd["median_s"] == 2.0 and sgd["steps"] == 3 and rows[0]["rounds"] == 2
+    assert kfac["amortised_s"] == pytest.approx(2.0 + 100.0 / 100)  # median + 1/100 of the refresh excess
+    assert nico["vs_kfac"] == pytest.approx(1.5) and nico["vs_sgd"] == pytest.approx(1.5)
+    assert "every-step" not in rows[0]
+
+
+def test_bench_prints_its_table(capsys):
+    from kfac2l.bench import main
+
+    assert main(["--problems", "deep_linear_a", "--optimizers", "nico", "--steps", "1", "--warmup", "1",
+                 "--rounds", "1", "--batch", "8", "--schedules", "paper"]) == 0
+    out = capsys.readouterr().out
+    lines = [ln for ln in out.splitlines() if ln.startswith("deep_linear_a")]
+    assert [ln.split()[2] for ln in lines] == ["sgd", "kfac", "nico"]
+    assert float(lines[1].split()[6]) == pytest.approx(1.0)  # KFAC / KFAC

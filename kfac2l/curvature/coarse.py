@@ -1,9 +1,11 @@
 """Coarse spaces R0^T, the coarse solve and the two-level corrections (paper section 3).
 
 A coarse basis is block diagonal (eq. 3.21): for each layer i a block V_i of m_i columns, stored
-per layer group as a tensor (L, m_i, O, I) of matrices MAT(V_i[:, k]). Columns are scaled to unit
-Euclidean norm; this does not change the span, hence not the two-level step, and keeps the coarse
-operator well scaled.
+per layer group as a tensor (L, m_i, O, I) of matrices MAT(V_i[:, k]), or, where every column is
+a rank-one matrix u w^T (nicolaides, spectral, krylov-nicolaides with the pi/factor damping), as
+a ``RankOne`` pair of (L, m_i, O) and (L, m_i, I) factors, whose per-sample projections cost
+O + I per location instead of O * I. Columns are scaled to unit Euclidean norm; this does not
+change the span, hence not the two-level step, and keeps the coarse operator well scaled.
 
 Spaces (all selectable by name):
   nicolaides         V_i = 1                                         (3.23-3.24)
@@ -26,6 +28,7 @@ from typing import Callable
 
 import torch
 
+from kfac2l.curvature.fisher import Basis, RankOne
 from kfac2l.curvature.kronecker import DampedKronecker
 
 COARSE_SPACES = (
@@ -44,10 +47,16 @@ KRYLOV_STARTS = ("preconditioned", "raw")
 Layered = list[torch.Tensor]
 
 
-def normalize_columns(v: torch.Tensor, eps: float = 1e-30) -> torch.Tensor:
-    """Scale each column MAT(V_i[:, k]) of a (L, k, O, I) basis to unit norm (zero stays zero)."""
-    norm = v.flatten(2).norm(dim=-1)
-    return v / torch.where(norm > eps, norm, torch.ones_like(norm))[..., None, None]
+def _unit(norm: torch.Tensor, eps: float) -> torch.Tensor:
+    return torch.where(norm > eps, norm, torch.ones_like(norm)).unsqueeze(-1)
+
+
+def normalize_columns(v: Basis, eps: float = 1e-30) -> Basis:
+    """Scale each column MAT(V_i[:, k]) of a (L, k, O, I) or rank-one basis to unit norm
+    (zero stays zero)."""
+    if isinstance(v, RankOne):
+        return RankOne(v.left / _unit(v.left.norm(dim=-1), eps), v.right / _unit(v.right.norm(dim=-1), eps))
+    return v / _unit(v.flatten(2).norm(dim=-1), eps).unsqueeze(-1)
 
 
 def uses_residual(space: str) -> bool:
@@ -75,12 +84,12 @@ def coarse_basis(
     dtype, device = like.dtype, like.device
 
     def ones(L, O, I):
-        return torch.ones(L, 1, O, I, dtype=dtype, device=device)
+        return RankOne(torch.ones(L, 1, O, dtype=dtype, device=device), torch.ones(L, 1, I, dtype=dtype, device=device))
 
     if space == "nicolaides":
         basis = [ones(*s) for s in shapes]
     elif space == "spectral":
-        basis = [k.smallest_eigenvector().unsqueeze(1) for k in kron]
+        basis = [RankOne(k.QG[..., :, 0].unsqueeze(1), k.QA[..., :, 0].unsqueeze(1)) for k in kron]
     elif space == "residual":
         basis = list(precond_residual)
     elif space == "krylov-nicolaides":
@@ -109,9 +118,17 @@ def coarse_basis(
     return [normalize_columns(v) for v in basis]
 
 
-def _krylov(kron: DampedKronecker, start: torch.Tensor) -> torch.Tensor:
-    """[v, K^{-1} v]: one inverse-power iterate appended to the start vector (3.29, m_i = 2)."""
+def _krylov(kron: DampedKronecker, start: Basis) -> Basis:
+    """[v, K^{-1} v]: one inverse-power iterate appended to the start vector (3.29, m_i = 2).
+
+    A rank-one start stays rank-one under the pi/factor damping (G'^{-1} u w^T A'^{-1}); under the
+    exact damping K^{-1} v is not rank-one and the basis is stored densely."""
     start = normalize_columns(start)
+    if isinstance(start, RankOne):
+        image = kron.apply_inverse_rank_one(start)
+        if image is not None:
+            return start.cat(image)
+        start = start.dense()
     return torch.cat([start, kron.apply_inverse(start)], dim=1)
 
 

@@ -21,7 +21,7 @@ def natural_gradient(groups: list[LayerGroup], grad: list[torch.Tensor], damping
     eigen-decomposition of the (PSD) Gram matrix, whose eigenvalues are clamped at 0 before
     B lambda is added: rounding can never make the system indefinite, and nothing synchronises.
     """
-    batch = groups[0].a.shape[1]
+    batch = groups[0].batch
     exact = [LayerGroup(g.indices, g.a.double(), g.g.double()) for g in groups]
     evals, evecs = torch.linalg.eigh(per_sample_gradient_gram(exact))
     rhs = jt(exact, [g.double() for g in grad])  # (k, B)

@@ -14,6 +14,7 @@ list over groups of tensors of shape (L, k, O, I): k vectors at once, each layer
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Union
 
 import torch
 
@@ -33,6 +34,38 @@ class LayerGroup:
     def shape(self) -> tuple[int, int]:
         return self.g.shape[-1], self.a.shape[-1]
 
+    @property
+    def batch(self) -> int:
+        return self.a.shape[1]
+
+
+@dataclass
+class RankOne:
+    """k rank-one columns per layer: MAT(V_i[:, k]) = left[i, k] right[i, k]^T.
+
+    left: (L, k, O), right: (L, k, I). The Nicolaides (1 1^T), spectral (v_G v_A^T) and, for the
+    ``pi`` and ``factor`` damping modes, Krylov-Nicolaides (G'^{-1} 1 1^T A'^{-1}) columns have this
+    form; keeping it makes their per-sample projections O + I instead of O * I per location.
+    """
+
+    left: torch.Tensor
+    right: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        L, k, O = self.left.shape
+        return L, k, O, self.right.shape[-1]
+
+    def dense(self) -> torch.Tensor:
+        """The (L, k, O, I) matrices."""
+        return self.left.unsqueeze(-1) * self.right.unsqueeze(-2)
+
+    def cat(self, other: "RankOne") -> "RankOne":
+        return RankOne(torch.cat([self.left, other.left], 1), torch.cat([self.right, other.right], 1))
+
+
+Basis = Union[torch.Tensor, RankOne]  # noqa: UP007 (a runtime alias)
+
 
 def group_layers(a_list: list[torch.Tensor], g_list: list[torch.Tensor]) -> list[LayerGroup]:
     """Stack layers with identical (O, I, T) into groups, keeping first-appearance order."""
@@ -40,7 +73,9 @@ def group_layers(a_list: list[torch.Tensor], g_list: list[torch.Tensor]) -> list
     for i, (a, g) in enumerate(zip(a_list, g_list)):
         keys.setdefault((g.shape[-1], a.shape[-1], a.shape[1]), []).append(i)
     def stack(tensors, idx):  # a single layer needs no copy
-        return tensors[idx[0]].unsqueeze(0) if len(idx) == 1 else torch.stack([tensors[i] for i in idx])
+        if len(idx) == 1:
+            return tensors[idx[0]].unsqueeze(0).contiguous()
+        return torch.stack([tensors[i] for i in idx])
 
     return [LayerGroup(idx, stack(a_list, idx), stack(g_list, idx)) for idx in keys.values()]
 
@@ -62,6 +97,15 @@ def project(group: LayerGroup, u: torch.Tensor) -> torch.Tensor:
         ua = torch.matmul(a, u.transpose(-1, -2))  # (L, k, BT, O)
         out = (ua * g).sum(-1)
     return out.reshape(L, u.shape[1], B, T).sum(-1)
+
+
+def project_rank_one(group: LayerGroup, basis: RankOne) -> torch.Tensor:
+    """``project`` for rank-one columns: sum_t (g_{b,t} . left) (abar_{b,t} . right), (L, k, B)."""
+    L, B, T, I = group.a.shape
+    O = group.g.shape[-1]
+    ga = torch.matmul(group.g.reshape(L, B * T, O), basis.left.transpose(1, 2))  # (L, BT, k)
+    aa = torch.matmul(group.a.reshape(L, B * T, I), basis.right.transpose(1, 2))
+    return (ga * aa).reshape(L, B, T, -1).sum(2).transpose(1, 2)
 
 
 def combine(group: LayerGroup, v: torch.Tensor) -> torch.Tensor:
@@ -88,27 +132,35 @@ def fisher_vector_product(
     groups: list[LayerGroup], u: list[torch.Tensor], damping: float
 ) -> list[torch.Tensor]:
     """F_bullet u = (1/B) J J^T u + lambda u (A1, A3) for a layered vector with k columns."""
-    batch = groups[0].a.shape[1]
+    batch = groups[0].batch
     v = jt(groups, u) / batch
     return [combine(grp, v) + damping * ug for grp, ug in zip(groups, u)]
 
 
-def per_sample_projections(groups: list[LayerGroup], vectors: list[torch.Tensor]) -> torch.Tensor:
+def per_sample_projections(groups: list[LayerGroup], vectors: list[Basis]) -> torch.Tensor:
     """P = J^T R0^T in R^{B x m} for a block-diagonal coarse basis (eq. 3.21).
 
-    vectors[grp]: (L, k, O, I), column k of layer l's block V_l. Columns are ordered group by
-    group, layer by layer, k fastest.
+    vectors[grp]: (L, k, O, I) or ``RankOne``, column k of layer l's block V_l. Columns are
+    ordered group by group, layer by layer, k fastest.
     """
-    cols = [project(grp, vg).reshape(-1, grp.a.shape[1]) for grp, vg in zip(groups, vectors)]
+    cols = []
+    for grp, vg in zip(groups, vectors):
+        p = project_rank_one(grp, vg) if isinstance(vg, RankOne) else project(grp, vg)
+        cols.append(p.reshape(-1, grp.batch))
     return torch.cat(cols, dim=0).T
 
 
-def block_gram(vectors: list[torch.Tensor]) -> torch.Tensor:
+def block_gram(vectors: list[Basis]) -> torch.Tensor:
     """blockdiag(V_i^T V_i) in the column order of ``per_sample_projections``."""
     blocks = []
     for vg in vectors:
-        flat = vg.flatten(2)  # (L, k, O*I)
-        blocks.extend(torch.matmul(flat, flat.transpose(1, 2)).unbind(0))
+        if isinstance(vg, RankOne):  # <u w^T, u' w'^T> = (u . u') (w . w')
+            left = torch.matmul(vg.left, vg.left.transpose(1, 2))
+            gram = left * torch.matmul(vg.right, vg.right.transpose(1, 2))
+        else:
+            flat = vg.flatten(2)  # (L, k, O*I)
+            gram = torch.matmul(flat, flat.transpose(1, 2))
+        blocks.extend(gram.unbind(0))
     return torch.block_diag(*blocks)
 
 
@@ -125,26 +177,38 @@ def coarse_operator(
     projections (pass them, and the block Gram, if already computed); float64 since m is small
     and the operator may be ill-conditioned.
     """
-    batch = groups[0].a.shape[1]
+    batch = groups[0].batch
     p = per_sample_projections(groups, vectors) if projections is None else projections
     p = p.double()
     gram = block_gram(vectors) if gram is None else gram
     return p.T @ p / batch + damping * gram.double()
 
 
-def restrict(vectors: list[torch.Tensor], u: list[torch.Tensor]) -> torch.Tensor:
-    """R0 u = [V_i^T u[i]]: (m,) in the column order of ``per_sample_projections``."""
-    parts = [(vg * ug).flatten(2).sum(-1).reshape(-1) for vg, ug in zip(vectors, u)]
+def restrict(vectors: list[Basis], u: list[torch.Tensor]) -> torch.Tensor:
+    """R0 u = [V_i^T u[i]]: (m,) in the column order of ``per_sample_projections``.
+
+    u: one layered vector, (L, 1, O, I) per group."""
+    parts = []
+    for vg, ug in zip(vectors, u):
+        if isinstance(vg, RankOne):  # left^T MAT(u) right
+            ur = torch.matmul(ug[:, 0], vg.right.transpose(1, 2))  # (L, O, k)
+            parts.append((vg.left.transpose(1, 2) * ur).sum(1).reshape(-1))
+        else:
+            parts.append((vg * ug).flatten(2).sum(-1).reshape(-1))
     return torch.cat(parts)
 
 
-def prolong(vectors: list[torch.Tensor], beta: torch.Tensor) -> list[torch.Tensor]:
+def prolong(vectors: list[Basis], beta: torch.Tensor) -> list[torch.Tensor]:
     """R0^T beta = [V_i beta_i] as a layered vector with one column, (L, 1, O, I) per group."""
     out, offset = [], 0
     for vg in vectors:
         L, k = vg.shape[:2]
-        b = beta[offset : offset + L * k].reshape(L, k, 1, 1).to(vg.dtype)
-        out.append((vg * b).sum(1, keepdim=True))
+        b = beta[offset : offset + L * k].reshape(L, k)
+        if isinstance(vg, RankOne):  # sum_k beta_k left_k right_k^T
+            left = vg.left * b.to(vg.left.dtype).unsqueeze(-1)
+            out.append(torch.matmul(left.transpose(1, 2), vg.right).unsqueeze(1))
+        else:
+            out.append((vg * b.reshape(L, k, 1, 1).to(vg.dtype)).sum(1, keepdim=True))
         offset += L * k
     return out
 
@@ -156,7 +220,7 @@ def per_sample_gradient_gram(groups: list[LayerGroup], max_elements: int = 2**26
     T > 1: per-sample gradients DW^(b) are formed in chunks of at most ``max_elements`` entries
     (the exact natural gradient is the reference, not the fast path).
     """
-    batch = groups[0].a.shape[1]
+    batch = groups[0].batch
     gram = groups[0].a.new_zeros(batch, batch)
     for grp in groups:
         L, B, T, I = grp.a.shape
@@ -180,6 +244,6 @@ def layered_dot(u: list[torch.Tensor], w: list[torch.Tensor]) -> torch.Tensor:
 
 def fisher_norm_sq(groups: list[LayerGroup], u: list[torch.Tensor], damping: float) -> torch.Tensor:
     """||u||^2_{F_bullet} = (1/B) ||J^T u||^2 + lambda ||u||^2: (k,)."""
-    batch = groups[0].a.shape[1]
+    batch = groups[0].batch
     v = jt(groups, u)
     return (v * v).sum(-1) / batch + damping * layered_dot(u, u)

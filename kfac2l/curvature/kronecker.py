@@ -88,6 +88,15 @@ class DampedKronecker:
             return QG @ (rotated / self.denominator.unsqueeze(1)) @ QA.transpose(-1, -2)
         return self.G_inv.unsqueeze(1) @ u @ self.A_inv.unsqueeze(1)
 
+    def apply_inverse_rank_one(self, basis):
+        """[F_bullet KFAC]^{-1} (u w^T) = (G'^{-1} u)(A'^{-1} w)^T for ``RankOne`` columns in the
+        pi/factor modes; None in ``exact`` mode, where the image is not rank-one."""
+        if self.mode == "exact":
+            return None
+        return type(basis)(
+            torch.matmul(basis.left, self.G_inv.transpose(1, 2)), torch.matmul(basis.right, self.A_inv.transpose(1, 2))
+        )
+
     def apply(self, u: torch.Tensor) -> torch.Tensor:
         """[F_bullet KFAC] applied layer-wise (the damped block itself; for tests and Taylor)."""
         QA, QG = self.QA.unsqueeze(1), self.QG.unsqueeze(1)

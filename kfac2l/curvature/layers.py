@@ -119,20 +119,23 @@ def param_matrix(module: nn.Module) -> torch.Tensor:
 class ForwardCapture:
     """Forward hooks that keep each layer's latest input and output while gradients are enabled.
 
-    The outputs are the pre-activations s_i; ``torch.autograd.grad`` of the summed sampled
+    ``armed()`` (default: always) tells whether a forward pass is wanted; the preconditioners arm
+    the hooks only until they have taken this step's Fisher batch, so the main training forward
+    pass holds no extra references. The outputs are the pre-activations s_i; ``torch.autograd.grad`` of the summed sampled
     negative log-likelihood with respect to them gives g_i for every sample without touching
     ``.grad`` (so the user's own ``loss.backward()`` is unaffected).
     """
 
-    def __init__(self, modules: list[nn.Module]):
+    def __init__(self, modules: list[nn.Module], armed=None):
         self.modules = modules
+        self.armed = armed if armed is not None else (lambda: True)
         self.inputs: list[torch.Tensor | None] = [None] * len(modules)
         self.outputs: list[torch.Tensor | None] = [None] * len(modules)
         self._handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(modules)]
 
     def _hook(self, index: int):
         def hook(module, inputs, output):
-            if torch.is_grad_enabled() and output.requires_grad:
+            if torch.is_grad_enabled() and output.requires_grad and self.armed():
                 self.inputs[index] = inputs[0].detach()
                 self.outputs[index] = output
 

@@ -91,7 +91,7 @@ class CurvaturePreconditioner:
         if not self.layers:
             raise ValueError("the model has no nn.Linear or nn.Conv2d layer to precondition")
         self.modules = [m for _, m in self.layers]
-        self.capture = ForwardCapture(self.modules)
+        self.capture = ForwardCapture(self.modules, armed=self._wants_fisher_batch)
         self.damping = float(damping)
         self.lr = float(lr)
         self.kl_clip = kl_clip
@@ -107,6 +107,10 @@ class CurvaturePreconditioner:
         """Whether the coming ``step()`` needs ``update_curvature`` to have been called first."""
         return True
 
+    def _wants_fisher_batch(self) -> bool:
+        """Capture forward passes only while this step still needs its Fisher batch."""
+        return self._batch_step != self.steps and self.needs_curvature()
+
     def update_curvature(
         self,
         output: torch.Tensor,
@@ -117,14 +121,20 @@ class CurvaturePreconditioner:
         """Capture abar_i and g_i on the batch that produced ``output`` (eqs. 2.25-2.27, A2).
 
         Targets are sampled from the model's predictive distribution unless given; the summed
-        negative log-likelihood is differentiated with respect to each layer's output.
+        negative log-likelihood is differentiated with respect to each layer's output. On a step
+        that needs no curvature (``needs_curvature()`` is False, e.g. KFAC between two factor
+        refreshes) this does nothing, so calling it every step costs no extra backward pass.
         """
         _check_choice("likelihood", likelihood, LIKELIHOODS)
+        if self._batch_step != self.steps and not self.needs_curvature():
+            self.capture.clear()
+            return
         outputs = self.capture.outputs
         missing = [name for (name, _), o in zip(self.layers, outputs) if o is None]
         if missing:
+            again = " (this step's Fisher batch was already taken)" if self._batch_step == self.steps else ""
             raise RuntimeError(
-                f"no forward pass with gradients enabled was captured for layer(s) {missing}; "
+                f"no forward pass with gradients enabled was captured for layer(s) {missing}{again}; "
                 "call update_curvature on the output of model(x) computed under torch.enable_grad()"
             )
         if targets is None:
@@ -400,7 +410,7 @@ class TwoLevelKFAC(KFAC):
             if self.correction == "multiplicative":
                 # R0 F_bullet zeta_KFAC = (1/B) P^T J^T zeta_KFAC + lambda R0 zeta_KFAC (A3, A15)
                 v = jt(groups, zeta_kfac)[0].double()
-                batch = groups[0].a.shape[1]
+                batch = groups[0].batch
                 rhs = rhs - proj.double().T @ v / batch - lam * restrict(basis, zeta_kfac).double()
         else:  # residual, krylov-residual, taylor: rebuilt every step from r_KFAC
             groups = self._fresh_groups()
