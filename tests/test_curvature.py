@@ -331,3 +331,25 @@ def test_singular_coarse_operator_falls_back_without_nan():
     assert torch.isfinite(step).all()
     basis = dense.explicit_coarse_basis("krylov-nicolaides", p.model, data, kfac, fisher, grad, LAM, "exact")
     assert rel(step, dense.two_level_step(kfac, fisher, grad, basis)) < 1e-6
+
+
+@pytest.mark.parametrize(
+    "space, options, solves",
+    [("nicolaides", {}, 1), ("spectral", {}, 1), ("krylov-nicolaides", {}, 1), ("residual", {}, 2),
+     ("krylov-residual", {}, 3), ("taylor", {"taylor_order": 3}, 4)],
+)
+def test_kronecker_solves_per_step_are_counted_honestly(monkeypatch, space, options, solves):
+    """``kronecker_solves`` (the bench's floor) equals the K^{-1} applications of a step between
+    inverse refreshes, counted on the real code."""
+    from kfac2l.curvature.kronecker import DampedKronecker
+
+    calls = []
+    original = DampedKronecker.apply_inverse
+    monkeypatch.setattr(DampedKronecker, "apply_inverse", lambda self, u: calls.append(1) or original(self, u))
+    p = Problem("mlp")
+    pre = kfac2l.TwoLevelKFAC(p.model, coarse_space=space, damping=LAM, cov_interval=5, inv_interval=5, **options)
+    p.run(pre)
+    calls.clear()
+    p.run(pre)
+    assert pre.kronecker_solves == solves
+    assert len(calls) == solves * len(pre.groups)

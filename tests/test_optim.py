@@ -60,21 +60,27 @@ def test_each_optimizer_reduces_the_loss(name):
 def test_bench_pools_rounds_and_computes_ratios():
     from kfac2l.bench import ratios, summarise
 
-    def run(opt, times, refresh):
+    def run(opt, times, refresh, solves):
         return {"problem": "p", "optimizer": opt, "batch": 4, "device": "cpu", "peak_mem_mb": 1.0,
-                "paper": {"times_s": times, "refresh_s": [refresh], "interval": 100}}
+                "solves": solves, "paper": {"times_s": times, "refresh_s": [refresh], "interval": 100}}
 
     rows = [
-        summarise([run("sgd", [1.0, 3.0], 1.0), run("sgd", [2.0], 1.0)]),
-        summarise([run("kfac", [2.0, 2.0], 102.0), run("kfac", [9.0], 102.0)]),
-        summarise([run("nico", [3.0], 3.0)]),
+        summarise([run("sgd", [1.0, 3.0], 1.0, 0), run("sgd", [2.0], 1.0, 0)]),
+        summarise([run("kfac", [2.0, 2.0], 102.0, 1), run("kfac", [9.0], 102.0, 1)]),
+        summarise([run("nico", [3.0], 3.0, 1)]),
+        summarise([run("residu", [4.0], 4.0, 2)]),
     ]
     rows = ratios(rows)
-    sgd, kfac, nico = (r["paper"] for r in rows)
+    sgd, kfac, nico, residu = (r["paper"] for r in rows)
     assert sgd["median_s"] == 2.0 and sgd["steps"] == 3 and rows[0]["rounds"] == 2
     assert kfac["amortised_s"] == pytest.approx(2.0 + 100.0 / 100)  # median + 1/100 of the refresh excess
     assert nico["vs_kfac"] == pytest.approx(1.5) and nico["vs_sgd"] == pytest.approx(1.5)
-    assert "every-step" not in rows[0]
+    # SGD 2 s, KFAC 2 s: a solve costs nothing here, the floor is 1; with KFAC at 2 and SGD at 1
+    # and two solves it would be (1 + 2 * 1) / 2.
+    assert nico["floor_vs_kfac"] == pytest.approx(1.0) and residu["floor_vs_kfac"] == pytest.approx(1.0)
+    rows[0]["paper"]["median_s"] = 1.0
+    assert ratios(rows)[3]["paper"]["floor_vs_kfac"] == pytest.approx(1.5)
+    assert "every-step" not in rows[0] and "floor_vs_kfac" not in sgd
 
 
 def test_bench_prints_its_table(capsys):
@@ -86,3 +92,4 @@ def test_bench_prints_its_table(capsys):
     lines = [ln for ln in out.splitlines() if ln.startswith("deep_linear_a")]
     assert [ln.split()[2] for ln in lines] == ["sgd", "kfac", "nico"]
     assert float(lines[1].split()[6]) == pytest.approx(1.0)  # KFAC / KFAC
+    assert float(lines[2].split()[8]) > 0  # nico's floor, from one Kronecker solve per step

@@ -285,6 +285,12 @@ class KFAC(CurvaturePreconditioner):
     def _on_factor_update(self) -> None:
         pass
 
+    @property
+    def kronecker_solves(self) -> int:
+        """Dense applications of F_bullet KFAC^{-1} (two GEMMs per layer, O I (O + I) each) per
+        step between inverse refreshes; the arithmetic floor of a step's extra cost over SGD."""
+        return 1
+
     def _inverses(self) -> list[DampedKronecker]:
         due = self.steps % self.inv_interval == 0 or self.kron is None or self._kron_damping != self.damping
         if due:
@@ -349,6 +355,16 @@ class TwoLevelKFAC(KFAC):
         self.krylov_start = krylov_start
         self._cross = None
         self._static, self._static_for = None, None
+
+    @property
+    def kronecker_solves(self) -> int:
+        """K^{-1} grad, plus K^{-1} r_KFAC for the residual spaces (3.32), plus one per extra
+        Krylov iterate (3.29, K^{-1} v) or Taylor order (3.38, K^{-1} F_bullet w_j). Static bases
+        (nicolaides, spectral, krylov-nicolaides) are cached between refreshes and need none."""
+        if not coarse_mod.uses_residual(self.coarse_space):
+            return 1
+        extra = {"residual": 0, "krylov-residual": 1, "taylor": self.taylor_order - 1}[self.coarse_space]
+        return 2 + extra
 
     def needs_curvature(self) -> bool:
         if self.coarse_operator_kind == "kronecker" and not self.track_diagnostics:
