@@ -54,6 +54,38 @@ def test_conv_patches_match_explicit_loops(conv):
     assert rel(a @ w.T, layer_output_grads(layer, out)) < 1e-13
 
 
+CONV_GEOMETRIES = [
+    dict(in_channels=2, out_channels=3, kernel_size=3, stride=2, padding=1),
+    dict(in_channels=2, out_channels=2, kernel_size=(2, 3), stride=(1, 2), padding=(1, 0), bias=False),
+    dict(in_channels=2, out_channels=3, kernel_size=3, dilation=2, padding=2),
+    dict(in_channels=2, out_channels=3, kernel_size=4, padding="same"),  # asymmetric padding
+]
+
+
+@pytest.mark.parametrize("conv", CONV_GEOMETRIES)
+def test_conv_group_projections_match_unfolded_patches(conv):
+    """ConvGroup's convolution-based projections (dense and rank-one, two layers stacked) equal
+    the same products on the unfolded patches (``layer_inputs``, itself checked against explicit
+    loops and against the convolution above)."""
+    from kfac2l.curvature.fisher import ConvGroup, LayerGroup, capture_groups, project, project_rank_one
+
+    torch.manual_seed(0)
+    layers = [nn.Conv2d(**conv).double() for _ in range(2)]
+    xs = [torch.randn(3, 2, 7, 6, dtype=torch.float64) for _ in layers]
+    gos = [torch.randn_like(m(x)) for m, x in zip(layers, xs)]
+    (grp,) = capture_groups(layers, xs, gos)
+    assert isinstance(grp, ConvGroup) and grp.indices == [0, 1]
+    unfolded = LayerGroup([0, 1], torch.stack([layer_inputs(m, x) for m, x in zip(layers, xs)]),
+                          torch.stack([layer_output_grads(m, go) for m, go in zip(layers, gos)]))
+    O, I = unfolded.shape
+    assert grp.shape == (O, I) and grp.batch == 3
+    u = torch.randn(2, 3, O, I, dtype=torch.float64)
+    assert rel(project(grp, u), project(unfolded, u)) < 1e-13
+    basis = RankOne(torch.randn(2, 2, O, dtype=torch.float64), torch.randn(2, 2, I, dtype=torch.float64))
+    assert rel(project_rank_one(grp, basis), project(unfolded, basis.dense())) < 1e-13
+    assert rel(grp.a, unfolded.a) < 1e-14 and rel(grp.g, unfolded.g) < 1e-14
+
+
 def test_conv_same_padding_reproduces_convolution():
     torch.manual_seed(0)
     layer = nn.Conv2d(2, 3, 4, padding="same").double()

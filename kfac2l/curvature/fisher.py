@@ -18,17 +18,19 @@ from typing import Union
 
 import torch
 
+from kfac2l.curvature.layers import conv_padding, layer_inputs, layer_output_grads, matrix_shape
 
-@dataclass
+
 class LayerGroup:
     """Layers of one shape: their positions in the model and stacked per-sample quantities.
 
     a: (L, B, T, I) augmented inputs, g: (L, B, T, O) pre-activation derivatives.
     """
 
-    indices: list[int]
-    a: torch.Tensor
-    g: torch.Tensor
+    def __init__(self, indices: list[int], a: torch.Tensor, g: torch.Tensor):
+        self.indices = indices
+        self.a = a
+        self.g = g
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -37,6 +39,118 @@ class LayerGroup:
     @property
     def batch(self) -> int:
         return self.a.shape[1]
+
+
+class ConvGroup(LayerGroup):
+    """Conv2d layers of one shape, kept as their raw inputs x (B, C, H, W) and output gradients
+    (B, O, H', W'). The patches abar (eq. 2.5) are unfolded only when needed (factor refresh,
+    ``combine``, exact natural gradient); per-sample projections (A5-A6) go through convolutions
+    of x with MAT(u) as a kernel, sum_t g_t^T MAT(u) abar_t = <g, conv(x, MAT(u))>, so the
+    Nicolaides-type steps between refreshes never unfold. ``modules`` give the geometry only.
+    """
+
+    def __init__(self, indices: list[int], modules: list, inputs: list[torch.Tensor], output_grads: list[torch.Tensor]):
+        self.indices = indices
+        self.modules = modules
+        self.inputs = inputs
+        self.output_grads = output_grads
+        self._a = self._g = None
+        self._conv_inputs: dict[int, tuple] = {}
+
+    @property
+    def a(self) -> torch.Tensor:
+        if self._a is None:
+            self._a = _stack([layer_inputs(m, x) for m, x in zip(self.modules, self.inputs)])
+        return self._a
+
+    @property
+    def g(self) -> torch.Tensor:
+        if self._g is None:
+            self._g = _stack([layer_output_grads(m, go) for m, go in zip(self.modules, self.output_grads)])
+        return self._g
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return matrix_shape(self.modules[0])
+
+    @property
+    def batch(self) -> int:
+        return self.inputs[0].shape[0]
+
+    def _convolve(self, layer: int, kernels: torch.Tensor) -> torch.Tensor:
+        """conv(x_layer, kernels) with the layer's stride, dilation and padding: (B, n, H', W')."""
+        if layer not in self._conv_inputs:
+            module, x = self.modules[layer], self.inputs[layer]
+            left, right, top, bottom = conv_padding(module, x.shape[-2], x.shape[-1])
+            if left == right and top == bottom:
+                padding = (top, left)
+            else:
+                x, padding = torch.nn.functional.pad(x, (left, right, top, bottom)), (0, 0)
+            self._conv_inputs[layer] = (x.contiguous(memory_format=torch.channels_last), padding)
+        x, padding = self._conv_inputs[layer]
+        module = self.modules[layer]
+        return torch.nn.functional.conv2d(x, kernels, None, module.stride, padding, module.dilation)
+
+    def _kernels(self, layer: int, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(n, I) matrix rows -> (n, C, kh, kw) kernels and the bias column (n,) or None."""
+        weight = self.modules[layer].weight
+        n_w = weight[0].numel()
+        bias = rows[:, n_w] if self.modules[layer].bias is not None else None
+        return rows[:, :n_w].reshape(rows.shape[0], *weight.shape[1:]), bias
+
+    def project(self, u: torch.Tensor) -> torch.Tensor:
+        """``project`` for conv layers: <g_b, conv(x_b, MAT(u))> without unfolding. (L, k, B)"""
+        L, k, O, I = u.shape
+        out = []
+        for layer, go in enumerate(self.output_grads):
+            kernels, bias = self._kernels(layer, u[layer].reshape(k * O, I))
+            y = self._convolve(layer, kernels)  # (B, k O, H', W')
+            B = y.shape[0]
+            go = go.reshape(B, 1, O, -1)
+            p = (y.reshape(B, k, O, -1) * go).sum((2, 3))
+            if bias is not None:
+                p = p + go.sum(-1)[:, 0] @ bias.reshape(k, O).T
+            out.append(p.T)
+        return torch.stack(out)
+
+    def project_rank_one(self, basis: "RankOne") -> torch.Tensor:
+        """``project_rank_one`` for conv layers: sum_t (g_t . left) conv(x, right)_t. (L, k, B)"""
+        out = []
+        for layer, go in enumerate(self.output_grads):
+            kernels, bias = self._kernels(layer, basis.right[layer])
+            y = self._convolve(layer, kernels).flatten(2)  # (B, k, T)
+            if bias is not None:
+                y = y + bias.reshape(1, -1, 1)
+            gl = torch.matmul(basis.left[layer], go.flatten(2))  # (B, k, T)
+            out.append((gl * y).sum(-1).T)
+        return torch.stack(out)
+
+
+def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return tensors[0].unsqueeze(0).contiguous() if len(tensors) == 1 else torch.stack(tensors)
+
+
+def capture_groups(modules: list, inputs: list[torch.Tensor], output_grads: list[torch.Tensor]) -> list[LayerGroup]:
+    """Layer groups from the captured inputs and output gradients of Linear/Conv2d layers.
+
+    Linear layers become ``LayerGroup``s of (abar, g); Conv2d layers ``ConvGroup``s (patches
+    unfolded lazily). Layers are grouped by (kind, O, I, T), keeping first-appearance order.
+    """
+    keys: dict[tuple, list[int]] = {}
+    for i, (m, go) in enumerate(zip(modules, output_grads)):
+        conv = isinstance(m, torch.nn.Conv2d)
+        T = go[0, 0].numel() if conv else go.numel() // (go.shape[0] * go.shape[-1])
+        keys.setdefault((conv, *matrix_shape(m), T), []).append(i)
+    groups: list[LayerGroup] = []
+    for (conv, *_), idx in keys.items():
+        mods = [modules[i] for i in idx]
+        if conv:
+            groups.append(ConvGroup(idx, mods, [inputs[i] for i in idx], [output_grads[i] for i in idx]))
+        else:
+            a = _stack([layer_inputs(m, inputs[i]) for m, i in zip(mods, idx)])
+            g = _stack([layer_output_grads(m, output_grads[i]) for m, i in zip(mods, idx)])
+            groups.append(LayerGroup(idx, a, g))
+    return groups
 
 
 @dataclass
@@ -72,12 +186,9 @@ def group_layers(a_list: list[torch.Tensor], g_list: list[torch.Tensor]) -> list
     keys: dict[tuple[int, int, int], list[int]] = {}
     for i, (a, g) in enumerate(zip(a_list, g_list)):
         keys.setdefault((g.shape[-1], a.shape[-1], a.shape[1]), []).append(i)
-    def stack(tensors, idx):  # a single layer needs no copy
-        if len(idx) == 1:
-            return tensors[idx[0]].unsqueeze(0).contiguous()
-        return torch.stack([tensors[i] for i in idx])
-
-    return [LayerGroup(idx, stack(a_list, idx), stack(g_list, idx)) for idx in keys.values()]
+    return [
+        LayerGroup(idx, _stack([a_list[i] for i in idx]), _stack([g_list[i] for i in idx])) for idx in keys.values()
+    ]
 
 
 def project(group: LayerGroup, u: torch.Tensor) -> torch.Tensor:
@@ -86,6 +197,8 @@ def project(group: LayerGroup, u: torch.Tensor) -> torch.Tensor:
     u: (L, k, O, I). Returns (L, k, B) = sum_t g_{b,t}^T MAT(u[i]) abar_{b,t}.
     The contraction goes through the smaller of O and I.
     """
+    if isinstance(group, ConvGroup):
+        return group.project(u)
     L, B, T, I = group.a.shape
     O = group.g.shape[-1]
     a = group.a.reshape(L, 1, B * T, I)
@@ -101,6 +214,8 @@ def project(group: LayerGroup, u: torch.Tensor) -> torch.Tensor:
 
 def project_rank_one(group: LayerGroup, basis: RankOne) -> torch.Tensor:
     """``project`` for rank-one columns: sum_t (g_{b,t} . left) (abar_{b,t} . right), (L, k, B)."""
+    if isinstance(group, ConvGroup):
+        return group.project_rank_one(basis)
     L, B, T, I = group.a.shape
     O = group.g.shape[-1]
     ga = torch.matmul(group.g.reshape(L, B * T, O), basis.left.transpose(1, 2))  # (L, BT, k)

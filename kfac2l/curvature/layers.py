@@ -49,7 +49,7 @@ def matrix_shape(module: nn.Module) -> tuple[int, int]:
     return out_features, in_features + (1 if module.bias is not None else 0)
 
 
-def _conv_padding(module: nn.Conv2d, height: int, width: int) -> tuple[int, int, int, int]:
+def conv_padding(module: nn.Conv2d, height: int, width: int) -> tuple[int, int, int, int]:
     """Explicit (left, right, top, bottom) zero padding of a Conv2d, resolving 'same'/'valid'."""
     if module.padding == "valid":
         return (0, 0, 0, 0)
@@ -67,7 +67,7 @@ def _conv_padding(module: nn.Conv2d, height: int, width: int) -> tuple[int, int,
 def layer_inputs(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """abar: the per-sample, per-location augmented inputs, shape (B, T, I) (eqs. 2.3, 2.5, A14b)."""
     if isinstance(module, nn.Conv2d):
-        x = F.pad(x, _conv_padding(module, x.shape[-2], x.shape[-1]))
+        x = F.pad(x, conv_padding(module, x.shape[-2], x.shape[-1]))
         patches = F.unfold(x, module.kernel_size, dilation=module.dilation, stride=module.stride)
         a = patches.transpose(1, 2)  # (B, T, C_in * kh * kw), channel-major like weight.view(O, -1)
     else:

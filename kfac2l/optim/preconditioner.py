@@ -31,10 +31,10 @@ from kfac2l.curvature.exact import natural_gradient
 from kfac2l.curvature.fisher import (
     LayerGroup,
     block_gram,
+    capture_groups,
     coarse_operator,
     fisher_norm_sq,
     fisher_vector_product,
-    group_layers,
     jt,
     layered_dot,
     per_sample_projections,
@@ -45,8 +45,6 @@ from kfac2l.curvature.kronecker import DAMPING_MODES, DampedKronecker, FactorSta
 from kfac2l.curvature.layers import (
     ForwardCapture,
     grad_matrix,
-    layer_inputs,
-    layer_output_grads,
     preconditioned_layers,
     write_grad_matrix,
 )
@@ -141,12 +139,9 @@ class CurvaturePreconditioner:
             targets = sample_targets(output, likelihood, generator)
         nll = summed_nll(output, targets, likelihood)
         grads = torch.autograd.grad(nll, outputs, retain_graph=True, allow_unused=True)
-        a_list, g_list = [], []
-        for module, x, out, go in zip(self.modules, self.capture.inputs, outputs, grads):
-            a_list.append(layer_inputs(module, x))
-            g_list.append(layer_output_grads(module, go if go is not None else torch.zeros_like(out)))
+        grads = [go if go is not None else torch.zeros_like(out) for out, go in zip(outputs, grads)]
+        self.groups = capture_groups(self.modules, self.capture.inputs, grads)
         self.capture.clear()
-        self.groups = group_layers(a_list, g_list)
         self._batch_step = self.steps
         self._on_fisher_batch()
 
