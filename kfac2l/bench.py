@@ -13,8 +13,10 @@ Schedules:
               median step is a non-refresh step; ``amortised`` adds 1/100 of a refresh step.
   every-step  T_cov = T_inv = 1 (everything refreshed every step).
 
-Each (problem, optimiser) runs in its own process, ``--rounds`` times, interleaved with the other
-optimisers; the timed steps of all rounds are pooled. Peak memory is the process's own: CUDA peak
+Each (problem, optimiser) runs in its own process (``--rounds`` times, pooled): first alone
+(refresh step, warm-up, peak memory), then step by step in turn with fresh SGD and KFAC models, so
+that every ratio compares steps timed seconds apart (a shared machine's slow drifts cancel).
+Peak memory is the process's own, read after the first phase: CUDA peak
 allocated memory on a GPU, peak resident set size (whole process, incl. model and data) on CPU.
 """
 
@@ -55,13 +57,39 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+REFERENCES = ("sgd", "kfac")
+
+
+def _build(model_name: str, optimizer: str, interval: int, dev: torch.device):
+    model = build_model(model_name, seed=0).to(dev)
+    opts = {}
+    if optimizer not in ("sgd", "adam"):
+        opts["damping"] = 1e-1
+        if optimizer != "ngd":
+            opts.update(cov_interval=interval, inv_interval=interval)
+    return model, make_optimizer(optimizer, model, lr=1e-3, **opts)
+
+
+def _timed_step(model, opt, task, x, y, dev) -> float:
+    _sync(dev)
+    t0 = time.perf_counter()
+    training_step(model, opt, task, x, y)
+    _sync(dev)
+    return time.perf_counter() - t0
+
+
 def run_worker(
     problem: str, optimizer: str, device: str, steps: int, warmup: int, batch: int | None,
     schedules: tuple[str, ...] = tuple(SCHEDULES),
 ) -> dict:
-    """Time one optimiser on one problem at the given schedules (in this process).
+    """Measure one optimiser on one problem (in this process), in two phases per schedule.
 
-    Each schedule entry holds the timed steps (``times_s``) so that rounds can be pooled."""
+    1. Alone: step 0 (the refresh of factors and inverses) and the warm-up; peak memory is read
+       after this phase, so it is the optimiser's own.
+    2. Paired timing: fresh SGD and KFAC models run next to the optimiser's, one step of each in
+       turn (rotating order) for ``steps`` rounds; every ratio is then taken between steps timed
+       seconds apart, so slow drifts of a shared machine cancel.
+    """
     dev = torch.device(device)
     model_name, task_name, default_batch = PROBLEMS[problem]
     batch = batch or default_batch
@@ -71,40 +99,40 @@ def run_worker(
     x = torch.rand(batch, *spec.input_shape, device=dev)
     y = None if task.autoencoder else torch.randint(0, spec.num_outputs, (batch,), device=dev)
     result = {"problem": problem, "optimizer": optimizer, "batch": batch, "device": device, "solves": 0}
-    for schedule in schedules:
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for schedule in schedules:  # phase 1
         interval = SCHEDULES[schedule]
-        model = build_model(model_name, seed=0).to(dev)
-        opts = {}
-        if optimizer not in ("sgd", "adam"):
-            opts["damping"] = 1e-1
-            if optimizer != "ngd":
-                opts.update(cov_interval=interval, inv_interval=interval)
-        opt = make_optimizer(optimizer, model, lr=1e-3, **opts)
+        model, opt = _build(model_name, optimizer, interval, dev)
         result["solves"] = getattr(opt.preconditioner, "kronecker_solves", 0)
-        if dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        times, refresh = [], None
-        for k in range(warmup + steps):
-            _sync(dev)
-            t0 = time.perf_counter()
-            training_step(model, opt, task, x, y)
-            _sync(dev)
-            dt = time.perf_counter() - t0
-            if k == 0:
-                refresh = dt  # step 0 refreshes factors and inverses (includes first-call overheads)
-            if k >= warmup:
-                times.append(dt)
-        result[schedule] = {"times_s": times, "refresh_s": [refresh], "interval": interval}
+        refresh = _timed_step(model, opt, task, x, y, dev)  # step 0 refreshes (incl. first-call overheads)
+        result[schedule] = {"refresh_s": [refresh], "interval": interval}
+        del model, opt
     if dev.type == "cuda":
         result["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
     else:
         result["peak_mem_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    names = list(dict.fromkeys([optimizer, *REFERENCES]))
+    for schedule in schedules:  # phase 2
+        interval = SCHEDULES[schedule]
+        runs = {name: _build(model_name, name, interval, dev) for name in names}
+        times: dict[str, list[float]] = {name: [] for name in names}
+        for k in range(warmup + steps):
+            for j in range(len(names)):
+                name = names[(j + k) % len(names)]
+                dt = _timed_step(*runs[name], task, x, y, dev)
+                if k >= warmup:
+                    times[name].append(dt)
+        result[schedule]["times_s"] = times[optimizer]
+        result[schedule]["ref_times_s"] = {ref: times[ref] for ref in REFERENCES}
+        del runs
     return result
 
 
 def summarise(runs: list[dict]) -> dict:
     """Pool the timed steps of several rounds of one (problem, optimiser): median step time,
-    median refresh step and the amortised step (median + 1/interval of the refresh's excess)."""
+    median refresh step, the amortised step (median + 1/interval of the refresh's excess) and
+    the medians of the SGD and KFAC steps timed alongside."""
     row = {k: runs[0][k] for k in ("problem", "optimizer", "batch", "device", "solves")}
     row["rounds"] = len(runs)
     row["peak_mem_mb"] = max(r["peak_mem_mb"] for r in runs)
@@ -120,6 +148,10 @@ def summarise(runs: list[dict]) -> dict:
             "refresh_s": refresh,
             "amortised_s": median + max(refresh - median, 0.0) / interval if interval > 1 else median,
             "steps": len(times),
+            "ref_median_s": {
+                ref: statistics.median([t for r in runs for t in r[schedule]["ref_times_s"][ref]])
+                for ref in REFERENCES
+            },
         }
     return row
 
@@ -136,29 +168,30 @@ def _spawn(problem, optimizer, args) -> dict:
 
 
 def ratios(rows: list[dict]) -> list[dict]:
-    """Add step-time ratios to SGD and to KFAC (same problem, same schedule), and the paper
-    schedule's arithmetic floor of the ratio to KFAC:
+    """Add step-time ratios to SGD and to KFAC, each against the reference steps timed alongside
+    (same worker), and the paper schedule's arithmetic floor of the ratio to KFAC:
 
         floor = (t_SGD + n (t_KFAC - t_SGD)) / t_KFAC,
 
     n being the optimiser's dense Kronecker solves per step (``kronecker_solves``); KFAC's own
     extra time over SGD is one solve. The floor ignores the Fisher pass and the coarse work, so
-    a measured ratio can approach it but not beat it (up to noise)."""
+    a measured ratio can approach it but not beat it (up to noise). The amortised ratio adds to
+    each side 1/interval of its refresh step's excess (KFAC's from KFAC's own row)."""
     by = {(r["problem"], r["optimizer"]): r for r in rows}
     for r in rows:
         for schedule in SCHEDULES:
             if schedule not in r:
                 continue
             s = r[schedule]
-            for ref in ("sgd", "kfac"):
-                other = by.get((r["problem"], ref))
-                if other:
-                    s[f"vs_{ref}"] = s["median_s"] / other[schedule]["median_s"]
-                    s[f"amortised_vs_{ref}"] = s["amortised_s"] / other[schedule]["amortised_s"]
-        sgd, kfac = by.get((r["problem"], "sgd")), by.get((r["problem"], "kfac"))
-        if "paper" in r and sgd and kfac and r.get("solves"):
-            t_sgd, t_kfac = sgd["paper"]["median_s"], kfac["paper"]["median_s"]
-            r["paper"]["floor_vs_kfac"] = (t_sgd + r["solves"] * (t_kfac - t_sgd)) / t_kfac
+            ref = s["ref_median_s"]
+            s["vs_sgd"] = s["median_s"] / ref["sgd"]
+            s["vs_kfac"] = s["median_s"] / ref["kfac"]
+            kfac = by.get((r["problem"], "kfac"), {}).get(schedule)
+            excess = max(kfac["refresh_s"] - kfac["median_s"], 0.0) if kfac else 0.0
+            interval = SCHEDULES[schedule]
+            s["amortised_vs_kfac"] = s["amortised_s"] / (ref["kfac"] + (excess / interval if interval > 1 else 0.0))
+            if schedule == "paper" and r.get("solves"):
+                s["floor_vs_kfac"] = (ref["sgd"] + r["solves"] * (ref["kfac"] - ref["sgd"])) / ref["kfac"]
     return rows
 
 
@@ -192,9 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=8, help="timed steps after warm-up")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--batch", type=int, default=None, help="override the problem's batch size")
-    parser.add_argument("--rounds", type=int, default=3,
-                        help="run every optimiser this many times, interleaved, and pool the steps "
-                             "(spreads slow drifts of a shared machine over all optimisers)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every optimiser's worker this many times and pool the steps")
     parser.add_argument("--schedules", nargs="+", default=list(SCHEDULES), choices=list(SCHEDULES))
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--worker", nargs=2, metavar=("PROBLEM", "OPTIMIZER"), help=argparse.SUPPRESS)

@@ -106,6 +106,21 @@ def test_kronecker_factors_match_explicit_sums(kind):
             assert rel(A[row], A_ref) < 1e-13 and rel(G[row], G_ref) < 1e-13
 
 
+def test_non_finite_factor_estimates_are_skipped_layer_by_layer():
+    state = FactorState(decay=0.5)
+    A = torch.eye(3).repeat(2, 1, 1)
+    G = 2 * torch.eye(2).repeat(2, 1, 1)
+    bad_a = A.clone()
+    bad_a[1, 0, 0] = float("nan")
+    state.update(bad_a, G)  # layer 1 is bad before any good estimate: zeros
+    assert torch.equal(state.A[0], A[0]) and torch.equal(state.A[1], torch.zeros(3, 3))
+    assert torch.equal(state.G[1], torch.zeros(2, 2))
+    state.update(3 * A, G * float("inf"))  # both layers bad now: unchanged
+    assert torch.equal(state.A[0], A[0]) and torch.equal(state.G[0], G[0])
+    state.update(3 * A, 3 * G)  # rho = min(1 - 1/3, 0.5) = 0.5
+    assert torch.allclose(state.A[0], 2 * A[0]) and torch.allclose(state.A[1], 1.5 * A[1])
+
+
 @pytest.mark.parametrize("likelihood", ["categorical", "bernoulli", "gaussian"])
 def test_kfac_block_is_exact_fisher_block_for_one_sample(likelihood):
     """A single sample through a Linear layer: A (x) G equals the exact Fisher block (2.24-2.25)."""
@@ -385,3 +400,13 @@ def test_kronecker_solves_per_step_are_counted_honestly(monkeypatch, space, opti
     p.run(pre)
     assert pre.kronecker_solves == solves
     assert len(calls) == solves * len(pre.groups)
+
+
+def test_non_finite_coarse_operator_gives_zero_correction():
+    from kfac2l.curvature.coarse import solve_coarse
+
+    op = torch.tensor([[float("nan"), 0.0], [0.0, 1.0]], dtype=torch.float64)
+    beta, failed = solve_coarse(op, torch.ones(2, dtype=torch.float64))
+    assert torch.equal(beta, torch.zeros(2, dtype=torch.float64)) and failed.item() == 2
+    beta, failed = solve_coarse(torch.eye(2, dtype=torch.float64) * 2, torch.ones(2, dtype=torch.float64))
+    assert torch.allclose(beta, torch.full((2,), 0.5, dtype=torch.float64)) and failed.item() == 0

@@ -57,37 +57,38 @@ def test_each_optimizer_reduces_the_loss(name):
     assert end < 0.9 * start, (start, end)
 
 
-def test_bench_pools_rounds_and_computes_ratios():
+def test_bench_pools_rounds_and_computes_paired_ratios():
     from kfac2l.bench import ratios, summarise
 
-    def run(opt, times, refresh, solves):
+    def run(opt, times, refresh, solves, sgd, kfac):
         return {"problem": "p", "optimizer": opt, "batch": 4, "device": "cpu", "peak_mem_mb": 1.0,
-                "solves": solves, "paper": {"times_s": times, "refresh_s": [refresh], "interval": 100}}
+                "solves": solves, "paper": {"times_s": times, "refresh_s": [refresh], "interval": 100,
+                                            "ref_times_s": {"sgd": sgd, "kfac": kfac}}}
 
     rows = [
-        summarise([run("sgd", [1.0, 3.0], 1.0, 0), run("sgd", [2.0], 1.0, 0)]),
-        summarise([run("kfac", [2.0, 2.0], 102.0, 1), run("kfac", [9.0], 102.0, 1)]),
-        summarise([run("nico", [3.0], 3.0, 1)]),
-        summarise([run("residu", [4.0], 4.0, 2)]),
+        summarise([run("kfac", [2.0, 2.0], 102.0, 1, [1.0], [2.0, 2.0]), run("kfac", [9.0], 102.0, 1, [1.0], [9.0])]),
+        # nico's worker saw a slower machine: SGD 2 s and KFAC 4 s next to its 6 s steps
+        summarise([run("nico", [6.0, 6.0, 7.0], 6.0, 1, [2.0, 2.0, 2.0], [4.0, 4.0, 5.0])]),
+        summarise([run("residu", [3.0], 3.0, 2, [1.0], [2.0])]),
     ]
     rows = ratios(rows)
-    sgd, kfac, nico, residu = (r["paper"] for r in rows)
-    assert sgd["median_s"] == 2.0 and sgd["steps"] == 3 and rows[0]["rounds"] == 2
+    kfac, nico, residu = (r["paper"] for r in rows)
+    assert kfac["median_s"] == 2.0 and kfac["steps"] == 3 and rows[0]["rounds"] == 2
     assert kfac["amortised_s"] == pytest.approx(2.0 + 100.0 / 100)  # median + 1/100 of the refresh excess
-    assert nico["vs_kfac"] == pytest.approx(1.5) and nico["vs_sgd"] == pytest.approx(1.5)
-    # SGD 2 s, KFAC 2 s: a solve costs nothing here, the floor is 1; with KFAC at 2 and SGD at 1
-    # and two solves it would be (1 + 2 * 1) / 2.
-    assert nico["floor_vs_kfac"] == pytest.approx(1.0) and residu["floor_vs_kfac"] == pytest.approx(1.0)
-    rows[0]["paper"]["median_s"] = 1.0
-    assert ratios(rows)[3]["paper"]["floor_vs_kfac"] == pytest.approx(1.5)
-    assert "every-step" not in rows[0] and "floor_vs_kfac" not in sgd
+    assert kfac["vs_kfac"] == pytest.approx(1.0) and kfac["vs_sgd"] == pytest.approx(2.0)
+    # paired: 6 / 4 and 6 / 2, not 6 / 2 (KFAC's own row) and 6 / 1
+    assert nico["vs_kfac"] == pytest.approx(1.5) and nico["vs_sgd"] == pytest.approx(3.0)
+    assert nico["amortised_vs_kfac"] == pytest.approx(6.0 / (4.0 + 1.0))
+    # floor (t_SGD + n (t_KFAC - t_SGD)) / t_KFAC: one solve gives 1; two solves with SGD 1, KFAC 2 give 1.5
+    assert nico["floor_vs_kfac"] == pytest.approx(1.0) and residu["floor_vs_kfac"] == pytest.approx(1.5)
+    assert "every-step" not in rows[0]
 
 
 def test_bench_prints_its_table(capsys):
     from kfac2l.bench import main
 
     assert main(["--problems", "deep_linear_a", "--optimizers", "nico", "--steps", "1", "--warmup", "1",
-                 "--rounds", "1", "--batch", "8", "--schedules", "paper"]) == 0
+                 "--rounds", "1", "--batch", "32", "--schedules", "paper"]) == 0
     out = capsys.readouterr().out
     lines = [ln for ln in out.splitlines() if ln.startswith("deep_linear_a")]
     assert [ln.split()[2] for ln in lines] == ["sgd", "kfac", "nico"]

@@ -137,7 +137,8 @@ def solve_coarse(operator: torch.Tensor, rhs: torch.Tensor) -> tuple[torch.Tenso
 
     The operator is Jacobi-scaled; exactly zero columns (a layer whose coarse vector vanished)
     get a unit diagonal so that their beta is 0. If the Cholesky factorisation fails, a second one
-    with a relative jitter of 1e-10 is used; if that fails too, beta = 0 (the step stays KFAC's).
+    with a relative jitter of 1e-10 is used; if that fails too (or the operator is not finite, e.g.
+    from a degenerate Fisher batch), beta = 0 exactly (the step stays KFAC's).
     Returns (beta, failed) with ``failed`` a 0-dim tensor counting the fallbacks used (0, 1, 2).
     """
     diag = torch.diagonal(operator)
@@ -153,8 +154,9 @@ def solve_coarse(operator: torch.Tensor, rhs: torch.Tensor) -> tuple[torch.Tenso
     x1 = torch.cholesky_solve(b, chol1).squeeze(-1)
     x2 = torch.cholesky_solve(b, chol2).squeeze(-1)
     ok1, ok2 = (info1 == 0) & x1.isfinite().all(), (info2 == 0) & x2.isfinite().all()
-    x = torch.where(ok1, x1, torch.where(ok2, x2, torch.zeros_like(x1)))
-    beta = torch.where(dead, torch.zeros_like(x), x * scale)
+    x = torch.where(ok1, x1, x2)
+    # where() rather than a product with zeros: 0 * nan would leak a non-finite operator into beta
+    beta = torch.where(dead | ~(ok1 | ok2), torch.zeros_like(x), x * scale)
     failed = (~ok1).to(torch.int64) + (~ok1 & ~ok2).to(torch.int64)
     return beta, failed
 

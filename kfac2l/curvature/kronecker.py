@@ -137,10 +137,16 @@ class FactorState:
         self.G: torch.Tensor | None = None
 
     def update(self, A: torch.Tensor, G: torch.Tensor) -> None:
+        """Fold in one mini-batch estimate. A layer whose estimate is not finite (e.g. output
+        gradients overflowing through a deep BatchNorm stack on a degenerate Fisher batch) keeps
+        its previous factors (zeros before the first finite one, i.e. KFAC = the damped
+        gradient), decided on the device without synchronisation."""
         self.updates += 1
         rho = min(1.0 - 1.0 / self.updates, self.decay)
+        finite = (A.isfinite().flatten(1).all(1) & G.isfinite().flatten(1).all(1))[:, None, None]
         if self.A is None:
-            self.A, self.G = A.clone(), G.clone()
-        else:
-            self.A.mul_(rho).add_(A, alpha=1.0 - rho)
-            self.G.mul_(rho).add_(G, alpha=1.0 - rho)
+            self.A, self.G = torch.zeros_like(A), torch.zeros_like(G)
+            rho = 0.0
+        for old, new in ((self.A, A), (self.G, G)):
+            blended = old * rho + torch.where(finite, new, old) * (1.0 - rho)
+            old.copy_(torch.where(finite, blended, old))
