@@ -46,6 +46,12 @@ def checks(kind: str) -> list[tuple[str, float]]:
     out = fisher_vector_product(groups, dense.to_layered(groups, slices, u), LAM)
     flat = dense.from_layered(groups, slices, out, fisher.shape[0])
     rows.append(("fisher-vector product F_bullet u", _rel(flat, u @ fisher.T)))
+    p = dense.Problem(kind)
+    captured = kfac2l.KFAC(p.model, damping=LAM)
+    p.run(captured)  # the groups the optimisers use (convolutions kept as raw inputs)
+    out = fisher_vector_product(captured.groups, dense.to_layered(captured.groups, slices, u), LAM)
+    flat = dense.from_layered(captured.groups, slices, out, fisher.shape[0])
+    rows.append(("fisher-vector product, captured layer groups", _rel(flat, u @ fisher.T)))
     for space in SPACES:
         for corr in ("multiplicative", "additive"):
             p = dense.Problem(kind)

@@ -410,3 +410,18 @@ def test_non_finite_coarse_operator_gives_zero_correction():
     assert torch.equal(beta, torch.zeros(2, dtype=torch.float64)) and failed.item() == 2
     beta, failed = solve_coarse(torch.eye(2, dtype=torch.float64) * 2, torch.ones(2, dtype=torch.float64))
     assert torch.allclose(beta, torch.full((2,), 0.5, dtype=torch.float64)) and failed.item() == 0
+
+
+def test_verify_self_check_passes_and_fails_on_a_tight_tolerance(capsys):
+    """``python -m kfac2l.verify`` exits 0 with every check passing, and non-zero when the
+    tolerance is below float64 round-off (so a failure would be reported)."""
+    import json
+
+    from kfac2l.verify import main
+
+    assert main(["--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["passed"] and len(report["checks"]) >= 40
+    assert {r["network"] for r in report["checks"]} == {"mlp", "cnn"}
+    assert main(["--tol", "1e-30"]) == 1
+    assert "FAIL" in capsys.readouterr().out
