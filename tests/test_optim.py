@@ -94,3 +94,20 @@ def test_bench_prints_its_table(capsys):
     assert [ln.split()[2] for ln in lines] == ["sgd", "kfac", "nico"]
     assert float(lines[1].split()[6]) == pytest.approx(1.0)  # KFAC / KFAC
     assert float(lines[2].split()[8]) > 0  # nico's floor, from one Kronecker solve per step
+
+
+def test_fisher_pass_leaves_batchnorm_statistics_alone():
+    """The B/4 Fisher pass is a measurement: running mean, variance and count of the BatchNorm
+    layer move exactly as under the training forward pass alone."""
+    import copy
+
+    model, x, y = _problem()
+    reference = copy.deepcopy(model)
+    opt = make_optimizer("nico", model, lr=0.01, damping=0.1)
+    task = get_task("classification")
+    assert opt.needs_curvature()
+    training_step(model, opt, task, x, y)
+    reference(x)  # one training-mode forward pass of the same batch
+    bn, ref = model[6], reference[6]
+    assert torch.allclose(bn.running_mean, ref.running_mean) and torch.allclose(bn.running_var, ref.running_var)
+    assert bn.num_batches_tracked.item() == ref.num_batches_tracked.item() == 1

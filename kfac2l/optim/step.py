@@ -2,11 +2,13 @@
 
 When the optimiser needs curvature this step, the Fisher statistics come from a second
 forward/backward on ``fisher_fraction * B`` samples drawn with replacement from the mini-batch,
-with targets sampled from the model (protocol.md). Nothing here synchronises with the device.
+with targets sampled from the model (protocol.md); it leaves the BatchNorm running statistics
+untouched. Nothing here synchronises with the device.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
@@ -48,6 +50,22 @@ def get_task(name: str) -> Task:
     return TASKS[name]
 
 
+@contextmanager
+def batchnorm_statistics_kept(model: nn.Module):
+    """Restore the BatchNorm running statistics on exit: the Fisher pass is a measurement on a
+    resampled batch, not a training forward pass, so it must not move them (the model's
+    evaluation-mode behaviour stays that of the training forward passes alone)."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats]
+    saved = [[b.clone() for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None] for m in norms]
+    try:
+        yield
+    finally:
+        for m, buffers in zip(norms, saved):
+            live = [b for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
+            for b, old in zip(live, buffers):
+                b.copy_(old)
+
+
 def training_step(
     model: nn.Module,
     optimizer: Optimizer,
@@ -64,7 +82,8 @@ def training_step(
     if optimizer.needs_curvature():
         size = max(1, int(round(fisher_fraction * x.shape[0])))
         idx = torch.randint(0, x.shape[0], (size,), device=x.device, generator=generator)
-        optimizer.update_curvature(model(x[idx]), task.likelihood)
+        with batchnorm_statistics_kept(model):
+            optimizer.update_curvature(model(x[idx]), task.likelihood)
     optimizer.zero_grad()
     loss = task.loss(model(x), target)
     loss.backward()
