@@ -64,10 +64,10 @@ CONV_GEOMETRIES = [
 
 @pytest.mark.parametrize("conv", CONV_GEOMETRIES)
 def test_conv_group_projections_match_unfolded_patches(conv):
-    """ConvGroup's convolution-based projections (dense and rank-one, two layers stacked) equal
+    """ConvGroup's convolution-based projections (dense and rank-one) and J v (two layers stacked) equal
     the same products on the unfolded patches (``layer_inputs``, itself checked against explicit
     loops and against the convolution above)."""
-    from kfac2l.curvature.fisher import ConvGroup, LayerGroup, capture_groups, project, project_rank_one
+    from kfac2l.curvature.fisher import ConvGroup, LayerGroup, capture_groups, combine, project, project_rank_one
 
     torch.manual_seed(0)
     layers = [nn.Conv2d(**conv).double() for _ in range(2)]
@@ -83,6 +83,10 @@ def test_conv_group_projections_match_unfolded_patches(conv):
     assert rel(project(grp, u), project(unfolded, u)) < 1e-13
     basis = RankOne(torch.randn(2, 2, O, dtype=torch.float64), torch.randn(2, 2, I, dtype=torch.float64))
     assert rel(project_rank_one(grp, basis), project(unfolded, basis.dense())) < 1e-13
+    v = torch.randn(2, 3, 3, dtype=torch.float64)
+    assert rel(combine(grp, v), combine(unfolded, v)) < 1e-13
+    assert rel(combine(grp, v[0]), combine(unfolded, v[0])) < 1e-13
+    assert grp._a is None and grp._g is None  # none of the products above unfolded the patches
     assert rel(grp.a, unfolded.a) < 1e-14 and rel(grp.g, unfolded.g) < 1e-14
 
 

@@ -44,9 +44,10 @@ class LayerGroup:
 class ConvGroup(LayerGroup):
     """Conv2d layers of one shape, kept as their raw inputs x (B, C, H, W) and output gradients
     (B, O, H', W'). The patches abar (eq. 2.5) are unfolded only when needed (factor refresh,
-    ``combine``, exact natural gradient); per-sample projections (A5-A6) go through convolutions
-    of x with MAT(u) as a kernel, sum_t g_t^T MAT(u) abar_t = <g, conv(x, MAT(u))>, so the
-    Nicolaides-type steps between refreshes never unfold. ``modules`` give the geometry only.
+    exact natural gradient); per-sample projections (A5-A6) go through convolutions of x with
+    MAT(u) as a kernel, sum_t g_t^T MAT(u) abar_t = <g, conv(x, MAT(u))>, and J v (A8-A13) is the
+    convolution's weight gradient for output gradients v_b g_b, so no step between refreshes
+    unfolds (no B T x I patch matrix: large for ResNets). ``modules`` give the geometry only.
     """
 
     def __init__(self, indices: list[int], modules: list, inputs: list[torch.Tensor], output_grads: list[torch.Tensor]):
@@ -77,8 +78,9 @@ class ConvGroup(LayerGroup):
     def batch(self) -> int:
         return self.inputs[0].shape[0]
 
-    def _convolve(self, layer: int, kernels: torch.Tensor) -> torch.Tensor:
-        """conv(x_layer, kernels) with the layer's stride, dilation and padding: (B, n, H', W')."""
+    def _conv_input(self, layer: int) -> tuple[torch.Tensor, tuple[int, int]]:
+        """The layer's input (explicitly padded if its padding is asymmetric) and the symmetric
+        padding left for the convolution."""
         if layer not in self._conv_inputs:
             module, x = self.modules[layer], self.inputs[layer]
             left, right, top, bottom = conv_padding(module, x.shape[-2], x.shape[-1])
@@ -87,7 +89,11 @@ class ConvGroup(LayerGroup):
             else:
                 x, padding = torch.nn.functional.pad(x, (left, right, top, bottom)), (0, 0)
             self._conv_inputs[layer] = (x.contiguous(memory_format=torch.channels_last), padding)
-        x, padding = self._conv_inputs[layer]
+        return self._conv_inputs[layer]
+
+    def _convolve(self, layer: int, kernels: torch.Tensor) -> torch.Tensor:
+        """conv(x_layer, kernels) with the layer's stride, dilation and padding: (B, n, H', W')."""
+        x, padding = self._conv_input(layer)
         module = self.modules[layer]
         return torch.nn.functional.conv2d(x, kernels, None, module.stride, padding, module.dilation)
 
@@ -111,6 +117,26 @@ class ConvGroup(LayerGroup):
             if bias is not None:
                 p = p + go.sum(-1)[:, 0] @ bias.reshape(k, O).T
             out.append(p.T)
+        return torch.stack(out)
+
+    def combine(self, v: torch.Tensor) -> torch.Tensor:
+        """``combine`` for conv layers: the weight gradient of the convolution for output
+        gradients g_b scaled by v_b, one kernel set per vector, without unfolding. (L, k, O, I)"""
+        L, k, _ = v.shape
+        O, I = self.shape
+        out = []
+        for layer, go in enumerate(self.output_grads):
+            module = self.modules[layer]
+            x, padding = self._conv_input(layer)
+            B = go.shape[0]
+            scaled = (go.unsqueeze(1) * v[layer].T.reshape(B, k, 1, 1, 1)).reshape(B, k * O, *go.shape[2:])
+            size = (k * O, *module.weight.shape[1:])
+            dw = torch.nn.grad.conv2d_weight(x, size, scaled, module.stride, padding, module.dilation)
+            dw = dw.reshape(k, O, -1)
+            if module.bias is not None:
+                db = v[layer] @ go.sum((2, 3))  # (k, O)
+                dw = torch.cat([dw, db.unsqueeze(-1)], dim=-1)
+            out.append(dw)
         return torch.stack(out)
 
     def project_rank_one(self, basis: "RankOne") -> torch.Tensor:
@@ -228,6 +254,10 @@ def combine(group: LayerGroup, v: torch.Tensor) -> torch.Tensor:
 
     v: (L, k, B) or (k, B) (broadcast over layers). Returns (L, k, O, I).
     """
+    if isinstance(group, ConvGroup):
+        if v.dim() == 2:
+            v = v.unsqueeze(0).expand(len(group.indices), -1, -1)
+        return group.combine(v)
     L, B, T, I = group.a.shape
     O = group.g.shape[-1]
     if v.dim() == 2:
