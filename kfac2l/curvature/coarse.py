@@ -89,7 +89,7 @@ def coarse_basis(
     if space == "nicolaides":
         basis = [ones(*s) for s in shapes]
     elif space == "spectral":
-        basis = [RankOne(k.QG[..., :, 0].unsqueeze(1), k.QA[..., :, 0].unsqueeze(1)) for k in kron]
+        basis = [RankOne(*(v.unsqueeze(1) for v in k.smallest_eigenvector_factors())) for k in kron]
     elif space == "residual":
         basis = list(precond_residual)
     elif space == "krylov-nicolaides":

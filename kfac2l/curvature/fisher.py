@@ -40,6 +40,37 @@ class LayerGroup:
     def batch(self) -> int:
         return self.a.shape[1]
 
+    def project(self, u: torch.Tensor) -> torch.Tensor:
+        """See ``project``; the contraction goes through the smaller of O and I."""
+        L, B, T, I = self.a.shape
+        O = self.g.shape[-1]
+        a = self.a.reshape(L, 1, B * T, I)
+        g = self.g.reshape(L, 1, B * T, O)
+        if O <= I:
+            gu = torch.matmul(g, u)  # (L, k, BT, I)
+            out = (gu * a).sum(-1)
+        else:
+            ua = torch.matmul(a, u.transpose(-1, -2))  # (L, k, BT, O)
+            out = (ua * g).sum(-1)
+        return out.reshape(L, u.shape[1], B, T).sum(-1)
+
+    def project_rank_one(self, basis: RankOne) -> torch.Tensor:
+        """See ``project_rank_one``."""
+        L, B, T, I = self.a.shape
+        O = self.g.shape[-1]
+        ga = torch.matmul(self.g.reshape(L, B * T, O), basis.left.transpose(1, 2))  # (L, BT, k)
+        aa = torch.matmul(self.a.reshape(L, B * T, I), basis.right.transpose(1, 2))
+        return (ga * aa).reshape(L, B, T, -1).sum(2).transpose(1, 2)
+
+    def combine(self, v: torch.Tensor) -> torch.Tensor:
+        """See ``combine``; v: (L, k, B)."""
+        L, B, T, I = self.a.shape
+        O = self.g.shape[-1]
+        k = v.shape[1]
+        weighted = self.g.unsqueeze(1) * v.reshape(L, k, B, 1, 1)  # (L, k, B, T, O)
+        weighted = weighted.reshape(L, k, B * T, O)
+        return torch.matmul(weighted.transpose(-1, -2), self.a.reshape(L, 1, B * T, I))
+
 
 class ConvGroup(LayerGroup):
     """Conv2d layers of one shape, kept as their raw inputs x (B, C, H, W) and output gradients
@@ -120,7 +151,7 @@ class ConvGroup(LayerGroup):
         return torch.stack(out)
 
     def combine(self, v: torch.Tensor) -> torch.Tensor:
-        """``combine`` for conv layers: the weight gradient of the convolution for output
+        """``combine`` for conv layers (v: (L, k, B)): the weight gradient of the convolution for output
         gradients g_b scaled by v_b, one kernel set per vector, without unfolding. (L, k, O, I)"""
         L, k, _ = v.shape
         O, I = self.shape
@@ -221,32 +252,13 @@ def project(group: LayerGroup, u: torch.Tensor) -> torch.Tensor:
     """Per-layer J_i^T u[i] for k vectors: <vec(DW_i^(b)), u[i]> (A5, A6).
 
     u: (L, k, O, I). Returns (L, k, B) = sum_t g_{b,t}^T MAT(u[i]) abar_{b,t}.
-    The contraction goes through the smaller of O and I.
     """
-    if isinstance(group, ConvGroup):
-        return group.project(u)
-    L, B, T, I = group.a.shape
-    O = group.g.shape[-1]
-    a = group.a.reshape(L, 1, B * T, I)
-    g = group.g.reshape(L, 1, B * T, O)
-    if O <= I:
-        gu = torch.matmul(g, u)  # (L, k, BT, I)
-        out = (gu * a).sum(-1)
-    else:
-        ua = torch.matmul(a, u.transpose(-1, -2))  # (L, k, BT, O)
-        out = (ua * g).sum(-1)
-    return out.reshape(L, u.shape[1], B, T).sum(-1)
+    return group.project(u)
 
 
 def project_rank_one(group: LayerGroup, basis: RankOne) -> torch.Tensor:
     """``project`` for rank-one columns: sum_t (g_{b,t} . left) (abar_{b,t} . right), (L, k, B)."""
-    if isinstance(group, ConvGroup):
-        return group.project_rank_one(basis)
-    L, B, T, I = group.a.shape
-    O = group.g.shape[-1]
-    ga = torch.matmul(group.g.reshape(L, B * T, O), basis.left.transpose(1, 2))  # (L, BT, k)
-    aa = torch.matmul(group.a.reshape(L, B * T, I), basis.right.transpose(1, 2))
-    return (ga * aa).reshape(L, B, T, -1).sum(2).transpose(1, 2)
+    return group.project_rank_one(basis)
 
 
 def combine(group: LayerGroup, v: torch.Tensor) -> torch.Tensor:
@@ -254,18 +266,9 @@ def combine(group: LayerGroup, v: torch.Tensor) -> torch.Tensor:
 
     v: (L, k, B) or (k, B) (broadcast over layers). Returns (L, k, O, I).
     """
-    if isinstance(group, ConvGroup):
-        if v.dim() == 2:
-            v = v.unsqueeze(0).expand(len(group.indices), -1, -1)
-        return group.combine(v)
-    L, B, T, I = group.a.shape
-    O = group.g.shape[-1]
     if v.dim() == 2:
-        v = v.unsqueeze(0).expand(L, -1, -1)
-    k = v.shape[1]
-    weighted = group.g.unsqueeze(1) * v.reshape(L, k, B, 1, 1)  # (L, k, B, T, O)
-    weighted = weighted.reshape(L, k, B * T, O)
-    return torch.matmul(weighted.transpose(-1, -2), group.a.reshape(L, 1, B * T, I))
+        v = v.unsqueeze(0).expand(len(group.indices), -1, -1)
+    return group.combine(v)
 
 
 def jt(groups: list[LayerGroup], u: list[torch.Tensor]) -> torch.Tensor:

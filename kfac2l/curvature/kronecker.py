@@ -114,9 +114,12 @@ class DampedKronecker:
         the product of the smallest of A' and of G'; as a matrix this is v_G v_A^T, shape (L, O, I).
         In ``exact`` mode A (x) G + lambda I has the same eigenvectors (eigenvalues >= 0).
         """
-        v_a = self.QA[..., :, 0]
-        v_g = self.QG[..., :, 0]
+        v_g, v_a = self.smallest_eigenvector_factors()
         return v_g.unsqueeze(-1) * v_a.unsqueeze(-2)
+
+    def smallest_eigenvector_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(v_G, v_A), shapes (L, O) and (L, I), with ``smallest_eigenvector`` = v_G v_A^T."""
+        return self.QG[..., :, 0], self.QA[..., :, 0]
 
     def ones_sum(self) -> torch.Tensor:
         """1^T [F_bullet KFAC]_{i,i} 1 per layer: the diagonal of the PREVIOUS coarse operator (3.18b)."""

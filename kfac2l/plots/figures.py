@@ -119,13 +119,18 @@ def plot_loss_figure(figure: int, panels: list[str], root: Path, out: Path, prof
     return _save(fig, out, figure, plotted, summaries)
 
 
+def _panel_diagnostics(panel_dir: Path, frames: list[pd.DataFrame]) -> pd.DataFrame:
+    """A panel's diagnostics; its curves go to ``frames`` for the title's provenance."""
+    frames.append(load_curves(panel_dir))
+    return load_diagnostics(panel_dir)
+
+
 def plot_gap_figure(figure: int, panels: list[str], root: Path, out: Path, profile: str, max_iter: int = 20000):
     """Figure 5: E(beta*) - E(0) (eq. 4.6) of each two-level method, smoothed with sigma = 3."""
     fig, axes = plt.subplots(1, len(panels), figsize=(_width(len(panels)), 4.2), squeeze=False)
     plotted, frames = [], []
     for ax, name in zip(axes.flat, panels):
-        diag = load_diagnostics(root / profile / name)
-        frames.append(load_curves(root / profile / name))
+        diag = _panel_diagnostics(root / profile / name, frames)
         ax.set_title(PANELS[name].title, fontsize=10)
         ax.axhline(0.0, color="k", lw=0.8)
         ax.set_xlabel("iteration")
@@ -163,8 +168,7 @@ def plot_distance_figure(figure: int, panels: list[str], root: Path, out: Path, 
     plotted, frames = [], []
     for col, name in enumerate(panels):
         top, bottom = axes[0, col], axes[1, col]
-        diag = load_diagnostics(root / profile / name)
-        frames.append(load_curves(root / profile / name))
+        diag = _panel_diagnostics(root / profile / name, frames)
         top.set_title(PANELS[name].title, fontsize=10)
         bottom.axhline(1.0, color="k", lw=0.8)
         bottom.set_xlabel("iteration")

@@ -31,33 +31,30 @@ def _runs(root: Path):
             yield path.parent, summary
 
 
-def load_curves(root: str | Path) -> pd.DataFrame:
-    """Per-epoch metrics of every finished run under ``root``, with optimiser, seed, status,
-    profile and data source; columns as in metrics.csv plus those."""
+def _load_runs(root: str | Path, filename: str, keys: tuple[str, ...]) -> pd.DataFrame:
+    """``filename`` (CSV) of every finished run under ``root``, with the summary's ``keys`` added."""
     frames = []
     for run_dir, summary in _runs(root):
-        metrics = run_dir / "metrics.csv"
-        if not metrics.exists():
+        path = run_dir / filename
+        if not path.exists():
             continue
-        frame = pd.read_csv(metrics)
-        for key in ("optimizer", "seed", "status", "profile", "data_source", "lr", "damping", "experiment"):
+        frame = pd.read_csv(path)
+        for key in keys:
             frame[key] = summary.get(key)
         frames.append(frame)
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
+def load_curves(root: str | Path) -> pd.DataFrame:
+    """Per-epoch metrics of every finished run under ``root``, with optimiser, seed, status,
+    profile and data source; columns as in metrics.csv plus those."""
+    keys = ("optimizer", "seed", "status", "profile", "data_source", "lr", "damping", "experiment")
+    return _load_runs(root, "metrics.csv", keys)
+
+
 def load_diagnostics(root: str | Path) -> pd.DataFrame:
     """Per-iteration diagnostics (gap of eq. 4.6, true distances) of every run that recorded them."""
-    frames = []
-    for run_dir, summary in _runs(root):
-        path = run_dir / "diagnostics.csv"
-        if not path.exists():
-            continue
-        frame = pd.read_csv(path)
-        frame["optimizer"] = summary.get("optimizer")
-        frame["seed"] = summary.get("seed")
-        frames.append(frame)
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    return _load_runs(root, "diagnostics.csv", ("optimizer", "seed"))
 
 
 def summary_table(root: str | Path) -> pd.DataFrame:
