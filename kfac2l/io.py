@@ -11,18 +11,41 @@ from pathlib import Path
 import pandas as pd
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and ``os.replace`` (never half-written)."""
+def _file_mode() -> int:
+    """0666 minus the process umask (what ``open`` would give), at least readable by the group:
+    ``mkstemp`` alone creates 0600 files, unreadable in a shared results folder."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return (0o666 & ~mask) | 0o440
+
+
+def atomic_write(path: str | Path, write) -> None:
+    """Call ``write(fh)`` on a temporary binary file next to ``path``, flush it to disk, then
+    ``os.replace`` it onto ``path``: a reader sees the old file or the new one, never half of one.
+    On failure (e.g. a full disk) the temporary file is removed, the old file is left in place and
+    the error names the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        raise OSError(err.errno, f"could not write {path}: {err.strerror or err}") from err
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (see ``atomic_write``)."""
+    data = text.encode()
+    atomic_write(path, lambda fh: fh.write(data))
 
 
 def atomic_write_json(path: str | Path, data: dict) -> None:

@@ -33,7 +33,8 @@ from kfac2l.select import read_selection
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 NO_CURVATURE = ("sgd", "adam")
 # grid per profile: (curvature optimisers, lr-only optimisers)
-SEARCH = {"paper": ("grid", "grid_lr"), "quick": ("quick", "quick_lr"), "demo": ("demo", "demo_lr")}
+SEARCH = {"paper": ("grid", "grid_lr"), "quick": ("quick", "quick_lr"), "demo": ("demo", "demo_lr"),
+          "small": ("small", "small_lr")}
 
 
 def _panel_overrides(panel, profile: str, launcher: str, results: Path, data: str) -> list[str]:
@@ -58,30 +59,42 @@ def _train(args: list[str]) -> None:
 
 
 def run_panel(panel, profile: str, launcher: str, results: Path, seeds: list[int], grids: tuple[str, str],
-              data: str) -> None:
+              data: str, grid_epochs: int | None = None, diagnostic_seeds: list[int] | None = None) -> None:
+    """Grid (seed 0, ``grid_epochs`` epochs if set: the selection budget) -> selection -> final runs
+    (the experiment's epochs) for ``seeds``; diagnostics only for ``diagnostic_seeds``."""
     base = _panel_overrides(panel, profile, launcher, results, data)
     curvature = [o for o in panel.optimizers if o not in NO_CURVATURE]
     plain = [o for o in panel.optimizers if o in NO_CURVATURE]
     runs = results / "runs"
+    budget = [f"profile.max_epochs={grid_epochs}"] if grid_epochs else []
     # 1. grid search (seed 0)
     if curvature:
-        _train([*base, f"optimizer={','.join(curvature)}", f"search={grids[0]}", f"paths.runs={runs}"])
+        _train([*base, *budget, f"optimizer={','.join(curvature)}", f"search={grids[0]}", f"paths.runs={runs}"])
     if plain:
-        _train([*base, f"optimizer={','.join(plain)}", f"search={grids[1]}", f"paths.runs={runs}"])
+        _train([*base, *budget, f"optimizer={','.join(plain)}", f"search={grids[1]}", f"paths.runs={runs}"])
     # 2. selection
-    subprocess.run([sys.executable, "-m", "kfac2l.select", "--experiment", panel.name, "--profile", profile,
-                    "--runs", str(runs), "--tables", str(results / "tables")], check=True)
+    select = [sys.executable, "-m", "kfac2l.select", "--experiment", panel.name, "--profile", profile,
+              "--runs", str(runs), "--tables", str(results / "tables")]
+    if grid_epochs:
+        select += ["--max-epochs", str(grid_epochs)]
+    subprocess.run(select, check=True)
     # 3. final seeded runs with the selected settings (and the diagnostics of Figures 5-6);
     #    an optimiser none of whose cells completed has no setting and is reported, not run
     best = read_selection(results / "tables" / profile / panel.name)
     missing = [o for o in panel.optimizers if o not in best]
     if missing:
         print(f"[reproduce] {panel.name}: no completed grid cell for {missing}; no final run for them", flush=True)
-    finals = [*base, f"seed={','.join(map(str, seeds))}", "use_best=true", f"paths.runs={results / 'final'}"]
-    diag = ["diagnostics=true", "exact_reference=true"] if panel.diagnostics else []
-    for group, extra in (([o for o in curvature if o in best], diag), ([o for o in plain if o in best], [])):
-        if group:
-            _train([*finals, f"optimizer={','.join(group)}", *extra])
+    final = [*base, "use_best=true", f"paths.runs={results / 'final'}"]
+    diag_seeds = [s for s in (diagnostic_seeds if diagnostic_seeds is not None else seeds[:1]) if s in seeds]
+    if not panel.diagnostics:
+        diag_seeds = []
+    plain_seeds = [s for s in seeds if s not in diag_seeds]
+    diag = ["diagnostics=true", "exact_reference=true"]
+    jobs = [([o for o in curvature if o in best], diag_seeds, diag), ([o for o in curvature if o in best], plain_seeds, []),
+            ([o for o in plain if o in best], seeds, [])]
+    for group, group_seeds, extra in jobs:
+        if group and group_seeds:
+            _train([*final, f"seed={','.join(map(str, group_seeds))}", f"optimizer={','.join(group)}", *extra])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,6 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grid", default=None, choices=sorted(SEARCH), help="search grid (default: the profile's)")
     parser.add_argument("--extra-figures", nargs="*", type=int, default=[], help="also draw these figures "
                         "for the same panels (e.g. 5 6 for the diagnostics of a Figure 4 panel)")
+    parser.add_argument("--grid-epochs", type=int, default=None, help="epoch budget of the grid runs (the "
+                        "selection budget; default: the profile's); final runs use the experiment's epochs")
+    parser.add_argument("--diagnostic-seeds", nargs="*", type=int, default=None,
+                        help="final seeds that record diagnostics (default: the first seed)")
     args = parser.parse_args(argv)
     panels = args.panels or FIGURES[args.figure]
     unknown = [p for p in panels if p not in PANELS]
@@ -116,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     for name in available:
         run_panel(PANELS[name], args.profile, args.launcher, results, seeds, SEARCH[args.grid or args.profile],
-                  args.data)
+                  args.data, args.grid_epochs, args.diagnostic_seeds)
     written = [plot_figure(args.figure, results, args.profile, panels)]
     written += [plot_figure(f, results, args.profile, panels) for f in args.extra_figures]
     for name in available:

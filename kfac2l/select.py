@@ -1,17 +1,20 @@
 """Gather the runs of an experiment and choose the best setting per optimiser.
 
     python -m kfac2l.select --experiment deep_linear_a [--profile quick] [--runs results/runs]
+                            [--tables DIR] [--max-epochs N]
 
-Reads every ``summary.json`` under ``<runs>/<profile>/<experiment>``, builds one pandas table, and
-picks per optimiser the setting with the lowest best training loss among non-diverged runs (the
-paper's rule). Writes ``<tables>/<profile>/<experiment>/runs.csv``, ``best_settings.csv`` and
-``best_settings.yaml`` (read by ``python -m kfac2l.train ... use_best=true``) and prints the table.
+Reads every complete ``summary.json`` under ``<runs>/<profile>/<experiment>`` (through
+``kfac2l.runs``), builds one pandas table, and picks per optimiser the setting with the lowest
+best training loss among completed runs (the paper's rule). Runs of different budgets (maximum
+epochs, patience, data subset, batch size) are never mixed: select refuses, naming them, unless
+``--max-epochs`` picks one. Writes ``runs.csv``, ``best_settings.csv`` and ``best_settings.yaml``
+(read by ``python -m kfac2l.train ... use_best=true``) into ``<tables>/<profile>/<experiment>``;
+by default ``<tables>`` is ``<runs>``, i.e. next to the runs it read, never the committed tables.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -19,29 +22,42 @@ import pandas as pd
 import yaml
 
 from kfac2l.io import atomic_write_csv, atomic_write_text
+from kfac2l.runs import iter_runs
 
 COLUMNS = ["optimizer", "lr", "damping", "seed", "status", "best_train_loss", "best_epoch", "epochs_run",
-           "profile", "data_source", "run_dir"]
+           "max_epochs", "budget", "convention", "profile", "data_source", "identity_id", "git_commit", "run_dir"]
+
+
+class SelectionError(ValueError):
+    """Runs that cannot be compared (mixed budgets)."""
+
+
+def _budget(summary: dict) -> str:
+    ident = summary.get("identity") or {}
+    budget = ident.get("budget") or {"max_epochs": summary.get("max_epochs")}
+    data = ident.get("data") or {}
+    batch = (ident.get("experiment") or {}).get("batch_size", summary.get("batch_size"))
+    return (f"max_epochs={budget.get('max_epochs')},patience={budget.get('patience')},"
+            f"train_subset={data.get('train_subset')},batch_size={batch}")
 
 
 def gather(root: str | Path) -> pd.DataFrame:
     """One row per run directory below ``root`` with a complete summary.json."""
     rows = []
-    for path in sorted(Path(root).rglob("summary.json")):
-        try:
-            summary = json.loads(path.read_text())
-        except (json.JSONDecodeError, OSError):
-            continue
-        if not summary.get("complete"):
-            continue
-        summary["run_dir"] = str(path.parent)
-        rows.append({c: summary.get(c) for c in COLUMNS})
+    for record in iter_runs(root):
+        row = {c: record.summary.get(c) for c in COLUMNS}
+        row["budget"], row["run_dir"] = _budget(record.summary), str(record.path)
+        rows.append(row)
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
 def best_settings(runs: pd.DataFrame) -> pd.DataFrame:
     """Per optimiser, the (lr, damping) whose mean best training loss over seeds is lowest;
-    diverged runs and runs without a finite loss are excluded."""
+    diverged runs and runs without a finite loss are excluded. Refuses mixed budgets."""
+    budgets = sorted(runs["budget"].dropna().unique()) if "budget" in runs else []
+    if len(budgets) > 1:
+        raise SelectionError(f"runs of {len(budgets)} budgets cannot be compared: {budgets}; "
+                             "select one with --max-epochs or separate the run folders")
     ok = runs[(runs["status"] == "completed") & runs["best_train_loss"].notna()].copy()
     if ok.empty:
         return pd.DataFrame(columns=["optimizer", "lr", "damping", "best_train_loss", "runs"])
@@ -52,6 +68,8 @@ def best_settings(runs: pd.DataFrame) -> pd.DataFrame:
     idx = grouped.groupby("optimizer")["best_train_loss"].idxmin()
     best = grouped.loc[idx].rename(columns={"damping_key": "damping"})
     best["damping"] = best["damping"].where(best["damping"] >= 0, None)
+    if budgets:
+        best["budget"] = budgets[0]
     return best.sort_values("best_train_loss").reset_index(drop=True)
 
 
@@ -75,19 +93,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--experiment", required=True)
     parser.add_argument("--profile", default="quick")
     parser.add_argument("--runs", default="results/runs", help="root of the run directories")
-    parser.add_argument("--tables", default="results/tables", help="where selection tables are written")
+    parser.add_argument("--tables", default=None, help="where the tables go (default: the --runs root)")
+    parser.add_argument("--max-epochs", type=int, default=None, help="use only runs of this epoch budget")
     args = parser.parse_args(argv)
     root = Path(args.runs) / args.profile / args.experiment
     runs = gather(root)
     if runs.empty:
         print(f"kfac2l.select: no complete run under {root}", file=sys.stderr)
         return 1
-    out = Path(args.tables) / args.profile / args.experiment
+    if args.max_epochs is not None:
+        runs = runs[runs["max_epochs"] == args.max_epochs]
+        if runs.empty:
+            print(f"kfac2l.select: no complete run with max_epochs={args.max_epochs} under {root}", file=sys.stderr)
+            return 1
+    counts = runs.groupby("status").size().to_dict()
+    print(f"read {len(runs)} complete runs under {root} ({', '.join(f'{k}: {v}' for k, v in counts.items())}); "
+          f"budgets: {sorted(runs['budget'].unique())}; commits: {sorted(runs['git_commit'].dropna().unique())}")
+    out = Path(args.tables or args.runs) / args.profile / args.experiment
+    grid = runs[runs["seed"] == runs["seed"].min()]  # the grid's seed; final seeded runs do not select
+    try:
+        best = best_settings(grid)
+    except SelectionError as err:
+        print(f"kfac2l.select: {err}", file=sys.stderr)
+        return 2
     atomic_write_csv(out / "runs.csv", runs)
-    runs = runs[runs["seed"] == runs["seed"].min()]  # the grid's seed; final seeded runs do not select
-    best = best_settings(runs)
     path = write_selection(best, out)
-    diverged = (runs["status"] == "diverged").groupby(runs["optimizer"]).sum()
+    diverged = (grid["status"] == "diverged").groupby(grid["optimizer"]).sum()
     best["diverged_cells"] = best["optimizer"].map(diverged).fillna(0).astype(int)
     print(best.to_string(index=False))
     print(f"\nselection written to {path}")

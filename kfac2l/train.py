@@ -1,46 +1,52 @@
 """One training run: ``python -m kfac2l.train experiment=... optimizer=... [profile=quick]``.
 
-Everything is validated and built (data, model, optimiser) before the first step; a bad name,
-an option that does not apply or a missing data file stops the run with a message that names it.
-A run writes, atomically, into its own directory:
+Everything is validated before any data are loaded; a bad value stops the run with one line
+``kfac2l: <what is wrong>; valid: <choices or range>`` and exit code 2. A run writes, atomically,
+into its own directory (``kfac2l.runs``):
 
-  metrics.csv      one row per epoch: epoch, iterations, train_loss, test_loss, test_accuracy, wall_time
-  summary.json     status (completed | diverged | failed | interrupted), best loss and epoch,
-                   epochs run, resolved hyper-parameters, git commit, profile, data source;
-                   complete = true for completed and diverged runs (the others rerun)
+  summary.json     status (completed | diverged | failed | interrupted | running), the run's
+                   identity and its id, best loss and epoch, epochs run, hyper-parameters,
+                   convention, init, git commit, profile, data source, resumed_from_epoch
+  metrics.csv      one row per epoch (rewritten every epoch)
   config.yaml      the resolved configuration
+  checkpoint.pt    the last checkpoint (every ``checkpoint.every`` epochs and on SIGTERM/SIGUSR2)
   diagnostics.csv  (diagnostics=true) per iteration: gap (4.6), and with exact_reference=true the
                    true F_bullet-distances of the KFAC and two-level steps to the exact NG step
 
-A diverged run (non-finite loss, loss 1e3 x above its start, or a numerical failure) is recorded
-as diverged and never raises, so a sweep goes on. A directory whose summary.json is complete is
-skipped, so relaunching a sweep only runs what is missing.
+Relaunching the same command: a complete run with the same identity is skipped; an interrupted
+one resumes from its checkpoint and ends with the same per-epoch losses as an uninterrupted run;
+a run with another identity in the same directory is reported (what differs) and moved to
+``.superseded/`` before the new one starts. A diverged run is recorded as diverged and never
+raises, so a sweep goes on.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
+import shutil
+import signal
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import hydra
-import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from kfac2l.data import DataSplits, TensorBatches, load_dataset
 from kfac2l.data.core import as_float
-from kfac2l.io import atomic_write_csv, atomic_write_json, atomic_write_text, git_commit
-from kfac2l.models import MODELS, build_model
-from kfac2l.optim import REGISTRY, make_optimizer
+from kfac2l.io import atomic_write_text, git_commit
+from kfac2l.models import INITS, MODELS, build_model
+from kfac2l.optim import REGISTRY, TWO_LEVEL, make_optimizer
 from kfac2l.optim.step import get_task, training_step
+from kfac2l.runs import identity_diff, identity_id, read_summary, write_diagnostics, write_metrics, write_summary
+from kfac2l.runs.checkpoint import CheckpointError, load_checkpoint, remove_checkpoint, save_checkpoint
 from kfac2l.select import read_selection
 
-DIVERGENCE_FACTOR = 1e3
+OUR_FILES = ("summary.json", "metrics.csv", "diagnostics.csv", "config.yaml", "checkpoint.pt")
 
 
 def run_name(use_best, lr, damping, seed) -> str:
@@ -60,11 +66,32 @@ class ConfigError(ValueError):
 
 def _choice(label: str, value, valid) -> None:
     if value not in valid:
-        raise ConfigError(f"unknown {label} {value!r}; valid choices: {', '.join(map(str, valid))}")
+        raise ConfigError(f"unknown {label} {value!r}; valid: {', '.join(map(str, valid))}")
 
 
 def best_settings_path(cfg: DictConfig) -> Path:
     return Path(cfg.paths.tables) / cfg.profile.name / cfg.experiment.name / "best_settings.yaml"
+
+
+def _container(node) -> dict:
+    return dict(OmegaConf.to_container(node, resolve=True) or {}) if node is not None else {}
+
+
+def convention_options(cfg: DictConfig, name: str) -> dict:
+    """The optimiser options the convention preset sets for ``name`` (run options override them);
+    options a registry name fixes (e.g. PREVIOUS's additive correction) are left to the name."""
+    groups = _container(cfg.convention.get("options"))
+    spec = REGISTRY[name]
+    opts = {}
+    if spec.preconditioner is not None:
+        opts.update(groups.get("curvature") or {})
+    if name == "sgd":
+        opts.update(groups.get("sgd") or {})
+    if name == "kfac":
+        opts.update(groups.get("kfac") or {})
+    if name in TWO_LEVEL:
+        opts.update(groups.get("two_level") or {})
+    return {k: v for k, v in opts.items() if k not in spec.fixed}
 
 
 def optimizer_options(cfg: DictConfig) -> tuple[float, dict]:
@@ -78,17 +105,22 @@ def optimizer_options(cfg: DictConfig) -> tuple[float, dict]:
             raise ConfigError(f"use_best=true but {path} does not exist; run `python -m kfac2l.select` first")
         best = read_selection(path.parent)
         if name not in best:
-            raise ConfigError(f"{path} has no selected setting for optimizer {name!r} (has {sorted(best)})")
+            raise ConfigError(f"{path} has no selected setting for optimizer {name!r}; valid: {', '.join(sorted(best))}")
         lr, damping = best[name]["lr"], best[name].get("damping")
-    opts = dict(OmegaConf.to_container(cfg.optimizer.options, resolve=True) or {})
+    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0:
+        raise ConfigError(f"optimizer.lr={lr!r} is not a learning rate; valid: a number > 0")
+    opts = convention_options(cfg, name)
+    opts.update(_container(cfg.optimizer.options))
     curvature = REGISTRY[name].preconditioner is not None
     if damping is not None:
         if not curvature:
             raise ConfigError(f"optimizer.damping={damping} does not apply to optimizer {name!r} "
-                              f"(it has no curvature); use search=grid_lr / search=small_lr for {name}")
+                              f"(it has no curvature); valid: optimizer.damping=null (search=grid_lr / small_lr)")
+        if not isinstance(damping, (int, float)) or isinstance(damping, bool) or not damping > 0:
+            raise ConfigError(f"optimizer.damping={damping!r} is not a damping; valid: a number > 0")
         opts["damping"] = float(damping)
     elif curvature:
-        raise ConfigError(f"optimizer {name!r} needs optimizer.damping")
+        raise ConfigError(f"optimizer {name!r} needs optimizer.damping; valid: a number > 0")
     if curvature:
         if cfg.experiment.kl_clip is not None:
             opts.setdefault("kl_clip", float(cfg.experiment.kl_clip))
@@ -99,28 +131,104 @@ def optimizer_options(cfg: DictConfig) -> tuple[float, dict]:
             opts["diagnostics"] = True
             opts["exact_reference"] = bool(cfg.exact_reference)
     elif cfg.diagnostics or cfg.exact_reference:
-        raise ConfigError(f"diagnostics do not apply to optimizer {name!r}")
+        raise ConfigError(f"diagnostics do not apply to optimizer {name!r}; valid: diagnostics=false")
     opts.setdefault("weight_decay", 1e-3)
     return float(lr), opts
 
 
+def max_epochs(cfg: DictConfig) -> int:
+    return int(cfg.profile.max_epochs or cfg.experiment.epochs)
+
+
+def run_identity(cfg: DictConfig, lr: float, opts: dict) -> dict:
+    """Every setting that can change this run's result (see ``kfac2l.runs.identity``)."""
+    ds = cfg.dataset
+    dataset = {"name": ds.name, "split_seed": ds.split_seed, "mnist_autoencoder_split": ds.mnist_autoencoder_split,
+               "md5": ds.md5}
+    if "num_samples" in ds:
+        dataset["num_samples"] = ds.num_samples
+    return {
+        "experiment": {"name": cfg.experiment.name, "task": cfg.experiment.task,
+                       "batch_size": int(cfg.experiment.batch_size)},
+        "model": {"name": cfg.model.name, "init": cfg.model.init, "options": _container(cfg.model.options)},
+        "dataset": dataset,
+        "data": {"train_subset": cfg.profile.train_subset, "test_subset": cfg.profile.test_subset},
+        "budget": {"max_epochs": max_epochs(cfg), "patience": int(cfg.profile.patience)},
+        "profile": {"name": cfg.profile.name, "fisher_fraction": float(cfg.profile.fisher_fraction)},
+        "optimizer": {"name": cfg.optimizer.name, "lr": lr, "options": opts},
+        "convention": cfg.convention.name,
+        "seed": int(cfg.seed),
+        "divergence": _container(cfg.divergence),
+    }
+
+
+def validate(cfg: DictConfig) -> tuple[float, dict]:
+    """Check every value before any data are loaded or directory is written; ConfigError names the
+    bad value and the valid choices or range. Returns (lr, optimiser options)."""
+    known = {"model", "dataset", "optimizer", "profile", "search", "launcher", "logger", "paths", "experiment",
+             "convention", "seed", "device", "diagnostics", "exact_reference", "use_best", "progress",
+             "checkpoint", "divergence"}
+    extra = sorted(set(cfg.keys()) - known)
+    if extra:
+        raise ConfigError(f"unknown top-level key(s) {extra}; valid: {', '.join(sorted(known))}")
+    _choice("model", cfg.model.name, list(MODELS))
+    _choice("model.init", cfg.model.init, INITS)
+    _choice("task", cfg.experiment.task, ["classification", "bernoulli_autoencoder", "gaussian_autoencoder"])
+    for key, value in (("seed", cfg.seed), ("experiment.batch_size", cfg.experiment.batch_size)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r} is not an integer; valid: an integer")
+    if cfg.seed < 0:
+        raise ConfigError(f"seed={cfg.seed} is negative; valid: an integer >= 0")
+    if cfg.experiment.batch_size < 1:
+        raise ConfigError(f"experiment.batch_size={cfg.experiment.batch_size}; valid: an integer >= 1")
+    for key, value in (("profile.max_epochs", cfg.profile.max_epochs), ("experiment.epochs", cfg.experiment.epochs),
+                       ("profile.patience", cfg.profile.patience),
+                       ("profile.curvature_interval", cfg.profile.curvature_interval),
+                       ("checkpoint.every", cfg.checkpoint.every)):
+        minimum = 0 if key == "checkpoint.every" else 1
+        if value is None and key == "profile.max_epochs":
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            raise ConfigError(f"{key}={value!r}; valid: an integer >= {minimum}"
+                              + (" (or null for the experiment's epochs)" if key == "profile.max_epochs" else ""))
+    for key, value in (("profile.train_subset", cfg.profile.train_subset),
+                       ("profile.test_subset", cfg.profile.test_subset)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ConfigError(f"{key}={value!r}; valid: an integer >= 1 or null (everything)")
+    frac = cfg.profile.fisher_fraction
+    if not isinstance(frac, (int, float)) or not 0 < frac <= 1:
+        raise ConfigError(f"profile.fisher_fraction={frac!r}; valid: a number in (0, 1]")
+    div = cfg.divergence
+    if not isinstance(div.factor, (int, float)) or not div.factor > 1 or not isinstance(div.epochs, int) or div.epochs < 1:
+        raise ConfigError(f"divergence={_container(div)}; valid: factor > 1 and epochs an integer >= 1")
+    _choice("progress", str(cfg.progress), ["auto", "True", "False", "true", "false"])
+    _device(cfg.device)
+    lr, opts = optimizer_options(cfg)
+    try:  # the optimiser's own checks (option names, values), on a throw-away model
+        probe = make_optimizer(cfg.optimizer.name, torch.nn.Linear(2, 2), lr=lr, **opts)
+        if probe.preconditioner is not None:
+            probe.preconditioner.remove()
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    return lr, opts
+
+
 def prepare(cfg: DictConfig):
     """Validate and build data, model and optimiser; raises ConfigError/DataMissingError early."""
-    _choice("model", cfg.model.name, list(MODELS))
+    lr, opts = validate(cfg)
     task = get_task(cfg.experiment.task)
-    lr, opts = optimizer_options(cfg)
     ds = cfg.dataset
     data = load_dataset(ds.name, root=ds.root, download=ds.download, md5=ds.md5, split_seed=ds.split_seed,
                         mnist_autoencoder_split=ds.mnist_autoencoder_split,
                         num_samples=ds.get("num_samples", 20000))
     data = data.subset(cfg.profile.train_subset, cfg.profile.test_subset, seed=cfg.seed)
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model.name, init=cfg.model.init, seed=cfg.seed,
-                        **OmegaConf.to_container(cfg.model.options, resolve=True))
+    model = build_model(cfg.model.name, init=cfg.model.init, seed=cfg.seed, **_container(cfg.model.options))
     _check_fit(cfg.model.name, model, data, task)
     if cfg.experiment.batch_size > data.x_train.shape[0]:
         raise ConfigError(f"experiment.batch_size={cfg.experiment.batch_size} exceeds the "
-                          f"{data.x_train.shape[0]} training samples of {data.name}")
+                          f"{data.x_train.shape[0]} training samples of {data.name}; "
+                          f"valid: 1..{data.x_train.shape[0]}")
     return task, data, model, lr, opts
 
 
@@ -144,7 +252,15 @@ def _check_fit(model_name: str, model, data: DataSplits, task) -> None:
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device={name!r} is not a device; valid: auto, cpu, cuda, cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={name!r} but no CUDA device is available here; valid: auto, cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device={name!r} is not supported; valid: auto, cpu, cuda, cuda:N")
+    return device
 
 
 @torch.no_grad()
@@ -164,94 +280,264 @@ def evaluate(model, task, x, y, device, batch: int = 1024) -> tuple[float, float
     return total / max(n, 1), (None if task.autoencoder else correct / max(n, 1))
 
 
-def completed_summary(out_dir: Path) -> dict | None:
-    """The summary of a finished run in ``out_dir`` (complete = true), else None."""
-    try:
-        summary = json.loads((out_dir / "summary.json").read_text())
-    except (json.JSONDecodeError, OSError):
-        return None
-    return summary if summary.get("complete") else None
+def fisher_seed(seed: int, iteration: int) -> int:
+    """Seed of the Fisher-batch generator at ``iteration``: a function of (seed, iteration) only."""
+    return (int(seed) * 1_000_003 + int(iteration) * 7919 + 12345) % (2**63 - 1)
+
+
+@dataclass
+class Progress:
+    """What a run has done so far; everything a checkpoint needs besides model and optimiser."""
+
+    epoch: int = 1                 # the epoch in progress (or next to start)
+    batch: int = 0                 # batches of that epoch already done (mid-epoch checkpoint)
+    epoch_losses: list = field(default_factory=list)
+    epoch_data_state: torch.Tensor | None = None  # data generator state at the start of `epoch`
+    iterations: int = 0
+    rows: list = field(default_factory=list)
+    diag_rows: list = field(default_factory=list)
+    best: float = math.inf
+    best_epoch: int = 0
+    since_best: int = 0
+    start_loss: float | None = None
+    above: int = 0                 # consecutive epochs above the divergence threshold
+    elapsed: float = 0.0
+
+    def state(self) -> dict:
+        out = dict(self.__dict__)
+        out["diag_rows"] = [{k: (float(v) if torch.is_tensor(v) else v) for k, v in r.items()} for r in self.diag_rows]
+        out["epoch_losses"] = [float(v) for v in self.epoch_losses]
+        return out
+
+
+class StopRequest:
+    """SIGTERM / SIGUSR2 (SLURM time limit, preemption, scancel): finish the current iteration,
+    checkpoint, mark the run interrupted, then hand the signal to the previous handler (submitit
+    requeues the job) or exit with 128 + signal."""
+
+    SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR2", None)) if s)
+
+    def __init__(self):
+        self.signum = None
+        self.previous = {}
+
+    def __enter__(self):
+        if __import__("threading").current_thread() is __import__("threading").main_thread():
+            for s in self.SIGNALS:
+                self.previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def forward(self) -> None:
+        handler = self.previous.get(self.signum)
+        if callable(handler):
+            handler(self.signum, None)
+        raise SystemExit(128 + int(self.signum))
+
+
+class Interrupted(Exception):
+    """Raised inside the loop after a stop request has been checkpointed."""
+
+
+def _archive(out_dir: Path, old: dict) -> Path:
+    """Move this directory's run files to ``<parent>/.superseded/<name>.<old id>`` (nothing lost)."""
+    tag = old.get("identity_id") or time.strftime("%Y%m%dT%H%M%S")
+    dest = out_dir.parent / ".superseded" / f"{out_dir.name}.{tag}"
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in OUR_FILES:
+        if (out_dir / name).exists():
+            shutil.move(str(out_dir / name), str(dest / name))
+    return dest
 
 
 def train(cfg: DictConfig, out_dir: Path) -> dict:
-    """Run one training and write its files into ``out_dir``; returns the summary."""
+    """Run (or resume, or skip) one training and write its files into ``out_dir``; returns the summary."""
     out_dir = Path(out_dir)
-    done = completed_summary(out_dir)
-    if done is not None:
-        lr, opts = optimizer_options(cfg)
-        # a 'best' run is reused only if the selection has not changed since it ran
-        if (done.get("lr"), done.get("damping")) == (lr, opts.get("damping")):
-            print(f"[kfac2l] {out_dir} is complete; skipped", file=sys.stderr)
-            return done
-        print(f"[kfac2l] {out_dir} ran another setting; rerunning", file=sys.stderr)
+    lr, opts = validate(cfg)
+    identity = run_identity(cfg, lr, opts)
+    ident = identity_id(identity)
+    previous = read_summary(out_dir)
+    if previous is not None and previous.get("identity_id") == ident and previous.get("complete"):
+        print(f"[kfac2l] {out_dir} is complete (identity {ident}); skipped", file=sys.stderr)
+        return previous
+    resumed = None
+    if previous is not None and previous.get("identity_id") != ident:
+        diff = identity_diff(previous.get("identity"), identity)
+        dest = _archive(out_dir, previous)
+        print(f"[kfac2l] {out_dir} held a run with another identity ({'; '.join(diff) or 'no identity recorded'});"
+              f" moved to {dest}; running anew", file=sys.stderr)
+    else:
+        try:
+            resumed = load_checkpoint(out_dir)
+        except CheckpointError as err:
+            print(f"[kfac2l] {err}; the run restarts from epoch 1", file=sys.stderr)
+        if resumed is not None and resumed["identity_id"] != ident:
+            print(f"[kfac2l] {out_dir}: checkpoint of another identity ignored; restarting", file=sys.stderr)
+            resumed = None
     task, data, model, lr, opts = prepare(cfg)
     device = _device(cfg.device)
     model.to(device)
     optimizer = make_optimizer(cfg.optimizer.name, model, lr=lr, **opts)
-    atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    gen = torch.Generator().manual_seed(cfg.seed)
-    batches = TensorBatches(data.x_train, data.y_train, cfg.experiment.batch_size, gen, device)
-    max_epochs = cfg.profile.max_epochs or cfg.experiment.epochs
-    show = sys.stderr.isatty() if cfg.progress == "auto" else bool(cfg.progress)
+    data_gen = torch.Generator().manual_seed(cfg.seed)
+    fisher_gen = torch.Generator(device=device)
+    progress = Progress()
     summary = {
         "experiment": cfg.experiment.name, "optimizer": cfg.optimizer.name, "lr": lr,
         "damping": opts.get("damping"), "options": {k: v for k, v in opts.items() if k != "damping"},
         "seed": cfg.seed, "batch_size": cfg.experiment.batch_size, "profile": cfg.profile.name,
+        "convention": cfg.convention.name, "init": cfg.model.init,
         "data_source": data.source, "dataset": data.name, "train_samples": int(data.x_train.shape[0]),
-        "device": str(device), "git_commit": git_commit(), "max_epochs": max_epochs,
+        "device": str(device), "torch_threads": torch.get_num_threads(), "git_commit": git_commit(),
+        "max_epochs": max_epochs(cfg), "identity": identity, "identity_id": ident,
+        "resumed_from_epoch": None, "resumes": 0,
     }
-    wandb_run = _wandb_init(cfg, summary, out_dir)
-    rows, diag_rows = [], []
-    status, error, finished = "completed", None, False
-    best, best_epoch, start_loss, since_best, iterations = math.inf, 0, None, 0, 0
-    t0 = time.perf_counter()
-    try:
-        for epoch in tqdm(range(1, max_epochs + 1), desc=f"{cfg.optimizer.name}", disable=not show):
-            losses = []
-            for x, y in tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=not show):
-                losses.append(training_step(model, optimizer, task, x, y, cfg.profile.fisher_fraction))
-                iterations += 1
-                if opts.get("diagnostics"):
-                    diag_rows.append({"iteration": iterations, **optimizer.preconditioner.diagnostic_tensors})
-            train_loss = torch.stack(losses).mean().item()  # one synchronisation per epoch
-            if start_loss is None:
-                start_loss = losses[0].item()
-            test_loss, test_acc = evaluate(model, task, data.x_test, data.y_test, device)
-            rows.append({"epoch": epoch, "iterations": iterations, "train_loss": train_loss,
-                         "test_loss": test_loss, "test_accuracy": test_acc,
-                         "wall_time": time.perf_counter() - t0})
-            if wandb_run is not None:
-                wandb_run.log({k: v for k, v in rows[-1].items() if v is not None}, step=epoch)
-            if not math.isfinite(train_loss) or train_loss > DIVERGENCE_FACTOR * max(start_loss, 1e-12):
-                status = "diverged"
-                break
-            if train_loss < best:
-                best, best_epoch, since_best = train_loss, epoch, 0
-            else:
-                since_best += 1
-                if since_best >= cfg.profile.patience:
-                    break
-        finished = True
-    except Exception as err:
-        # a numerical failure mid-run is a divergence; anything else is a bug: recorded, re-raised
-        status, error = ("diverged" if _numerical(err) else "failed"), f"{type(err).__name__}: {err}"
-        if status == "failed":
-            raise
-    finally:
-        if not finished and status == "completed":  # interrupted (e.g. Ctrl-C, job time limit)
-            status = "interrupted"
-        _write_results(out_dir, rows, diag_rows)
-        summary.update({
-            "status": status, "error": error, "best_train_loss": best if math.isfinite(best) else None,
-            "best_epoch": best_epoch, "epochs_run": len(rows), "iterations": iterations,
-            "final_train_loss": rows[-1]["train_loss"] if rows else None,
-            "wall_time": time.perf_counter() - t0, "complete": status in ("completed", "diverged"),
+    if resumed is not None:
+        model.load_state_dict(resumed["model"])
+        optimizer.load_state_dict(_to_device(resumed["optimizer"], device))
+        data_gen.set_state(resumed["data_generator"])
+        for key, value in resumed["progress"].items():
+            setattr(progress, key, value)
+        old = previous or {}
+        summary["resumes"] = int(old.get("resumes") or 0) + 1
+        summary["resumed_from_epoch"] = progress.epoch - (0 if progress.batch else 1)
+        print(f"[kfac2l] {out_dir}: resuming after epoch {summary['resumed_from_epoch']}"
+              + (f" (+{progress.batch} batches)" if progress.batch else ""), file=sys.stderr)
+    atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    wandb_run = _wandb_init(cfg, summary, out_dir, ident)
+    batches = TensorBatches(data.x_train, data.y_train, cfg.experiment.batch_size, data_gen, device)
+    show = sys.stderr.isatty() if str(cfg.progress) == "auto" else str(cfg.progress).lower() == "true"
+    status, error, reason = "running", None, None
+
+    def checkpoint():
+        save_checkpoint(out_dir, {
+            "identity_id": ident, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "data_generator": data_gen.get_state(), "progress": progress.state(),
         })
-        atomic_write_json(out_dir / "summary.json", summary)
-        if wandb_run is not None:
-            wandb_run.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
-            wandb_run.finish(exit_code=0 if status == "completed" else 1)
+
+    def record(final: bool) -> None:
+        write_metrics(out_dir, progress.rows)
+        write_diagnostics(out_dir, progress.diag_rows)
+        summary.update({
+            "status": status, "error": error, "divergence_reason": reason,
+            "best_train_loss": progress.best if math.isfinite(progress.best) else None,
+            "best_epoch": progress.best_epoch, "epochs_run": len(progress.rows), "iterations": progress.iterations,
+            "final_train_loss": progress.rows[-1]["train_loss"] if progress.rows else None,
+            "wall_time": progress.elapsed, "complete": status in ("completed", "diverged"),
+        })
+        write_summary(out_dir, summary)
+
+    t_start = time.perf_counter() - progress.elapsed
+    limit = max_epochs(cfg)
+    with StopRequest() as stop:
+        try:
+            record(final=False)
+            bar = tqdm(range(progress.epoch, limit + 1), desc=cfg.optimizer.name, disable=not show,
+                       initial=progress.epoch - 1, total=limit)
+            for epoch in bar:
+                if progress.batch == 0:
+                    progress.epoch_data_state, progress.epoch_losses = data_gen.get_state(), []
+                else:
+                    data_gen.set_state(progress.epoch_data_state)
+                losses = [torch.tensor(v) for v in progress.epoch_losses]
+                for k, (x, y) in enumerate(tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=not show)):
+                    if k < progress.batch:
+                        continue
+                    fisher_gen.manual_seed(fisher_seed(cfg.seed, progress.iterations))
+                    losses.append(training_step(model, optimizer, task, x, y, cfg.profile.fisher_fraction, fisher_gen))
+                    progress.iterations += 1
+                    if opts.get("diagnostics"):
+                        progress.diag_rows.append({"iteration": progress.iterations,
+                                                   **optimizer.preconditioner.diagnostic_tensors})
+                    if stop.signum is not None:
+                        progress.batch, progress.epoch_losses = k + 1, losses
+                        progress.elapsed = time.perf_counter() - t_start
+                        raise Interrupted
+                train_loss = torch.stack(losses).mean().item()  # one synchronisation per epoch
+                if progress.start_loss is None:
+                    progress.start_loss = losses[0].item()
+                test_loss, test_acc = evaluate(model, task, data.x_test, data.y_test, device)
+                progress.elapsed = time.perf_counter() - t_start
+                progress.rows.append({"epoch": epoch, "iterations": progress.iterations, "train_loss": train_loss,
+                                      "test_loss": test_loss, "test_accuracy": test_acc,
+                                      "wall_time": progress.elapsed})
+                progress.epoch, progress.batch, progress.epoch_losses = epoch + 1, 0, []
+                if wandb_run is not None:
+                    wandb_run.log({k: v for k, v in progress.rows[-1].items() if v is not None}, step=epoch)
+                reason = _divergence(cfg, task, data, progress, train_loss)
+                if reason is not None:
+                    status = "diverged"
+                    break
+                if train_loss < progress.best:
+                    progress.best, progress.best_epoch, progress.since_best = train_loss, epoch, 0
+                else:
+                    progress.since_best += 1
+                    if progress.since_best >= cfg.profile.patience:
+                        break
+                if stop.signum is not None:
+                    raise Interrupted
+                record(final=False)
+                if cfg.checkpoint.every and epoch % cfg.checkpoint.every == 0:
+                    checkpoint()
+            if status == "running":
+                status = "completed"
+        except Interrupted:
+            status = "interrupted"
+            checkpoint()
+        except KeyboardInterrupt:
+            status = "interrupted"
+            raise
+        except Exception as err:
+            # a numerical failure mid-run is a divergence; anything else is a bug: recorded, re-raised
+            status, error = ("diverged" if _numerical(err) else "failed"), f"{type(err).__name__}: {err}"
+            reason = "numerical failure" if status == "diverged" else None
+            if status == "failed":
+                raise
+        finally:
+            if status == "running":
+                status = "interrupted"
+            record(final=True)
+            if status in ("completed", "diverged") and not cfg.checkpoint.keep:
+                remove_checkpoint(out_dir)
+            if wandb_run is not None:
+                wandb_run.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
+                wandb_run.finish(exit_code=0 if status == "completed" else 1)
+        if status == "interrupted" and stop.signum is not None:
+            print(f"[kfac2l] {out_dir}: signal {stop.signum}; checkpointed after {progress.iterations} iterations",
+                  file=sys.stderr)
+            stop.__exit__()
+            stop.forward()
     return summary
+
+
+def _divergence(cfg, task, data: DataSplits, progress: Progress, train_loss: float) -> str | None:
+    """Why the run has diverged, or None: a non-finite epoch loss, or ``divergence.epochs``
+    consecutive epochs above ``divergence.factor`` x max(chance level, first mini-batch loss)."""
+    if not math.isfinite(train_loss):
+        return f"non-finite training loss ({train_loss}) at epoch {len(progress.rows)}"
+    chance = math.log(data.num_classes) if (not task.autoencoder and data.num_classes) else 0.0
+    reference = max(chance, progress.start_loss or 0.0, 1e-12)
+    threshold = cfg.divergence.factor * reference
+    progress.above = progress.above + 1 if train_loss > threshold else 0
+    if progress.above >= cfg.divergence.epochs:
+        return (f"training loss above {cfg.divergence.factor:g} x {reference:.4g} = {threshold:.4g} "
+                f"for {progress.above} epochs (last {train_loss:.4g})")
+    return None
+
+
+def _to_device(obj, device):
+    if torch.is_tensor(obj):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_device(v, device) for v in obj)
+    return obj
 
 
 def _numerical(err: Exception) -> bool:
@@ -262,27 +548,33 @@ def _numerical(err: Exception) -> bool:
     return isinstance(err, RuntimeError) and any(w in text for w in ("nan", "inf", "singular", "converge"))
 
 
-def _write_results(out_dir: Path, rows: list[dict], diag_rows: list[dict]) -> None:
-    cols = ["epoch", "iterations", "train_loss", "test_loss", "test_accuracy", "wall_time"]
-    atomic_write_csv(out_dir / "metrics.csv", pd.DataFrame(rows, columns=cols))
-    if diag_rows:
-        frame = pd.DataFrame([{k: (float(v) if torch.is_tensor(v) else v) for k, v in r.items()} for r in diag_rows])
-        if "dist_kfac" in frame and "dist_two_level" in frame:
-            frame["distance_ratio"] = frame["dist_two_level"] / frame["dist_kfac"]
-        atomic_write_csv(out_dir / "diagnostics.csv", frame)
-
-
-def _wandb_init(cfg: DictConfig, summary: dict, out_dir: Path):
+def _wandb_init(cfg: DictConfig, summary: dict, out_dir: Path, ident: str):
+    """A wandb run whose id is the run identity: a resumed run continues the same wandb run."""
     if not cfg.logger.wandb:
         return None
     import wandb
 
     os.environ.setdefault("WANDB_MODE", "offline")
     name = f"{cfg.optimizer.name} lr={summary['lr']:g}" + (
-        f" damping={summary['damping']:g}" if summary["damping"] is not None else "")
+        f" damping={summary['damping']:g}" if summary["damping"] is not None else "") + f" seed={cfg.seed}"
     return wandb.init(project=cfg.logger.project, entity=cfg.logger.entity, group=cfg.experiment.name,
-                      name=name, dir=str(out_dir), config=OmegaConf.to_container(cfg, resolve=True),
+                      name=name, dir=str(out_dir), id=f"kfac2l-{ident}", resume="allow",
+                      config=OmegaConf.to_container(cfg, resolve=True),
                       reinit="finish_previous" if hasattr(wandb, "Settings") else True)
+
+
+def _remove_if_empty(out_dir: Path, stop: Path) -> None:
+    """Remove ``out_dir`` and its empty parents up to ``stop`` if they hold nothing but Hydra's files."""
+    hydra_dir = out_dir / ".hydra"
+    try:
+        if hydra_dir.is_dir() and not [p for p in out_dir.iterdir() if p.name not in (".hydra", "train.log")]:
+            shutil.rmtree(out_dir)
+            parent = out_dir.parent
+            while parent != stop and stop in parent.parents and not any(parent.iterdir()):
+                parent.rmdir()
+                parent = parent.parent
+    except OSError:
+        pass
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="train")
@@ -290,15 +582,24 @@ def main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
-    summary = train(cfg, out_dir)
+    try:
+        summary = train(cfg, out_dir)
+    except (ConfigError, CheckpointError) as err:
+        _remove_if_empty(out_dir, Path(cfg.paths.runs).resolve())
+        print(f"kfac2l: {err}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as err:
+        from kfac2l.data import DataMissingError
+
+        if isinstance(err, DataMissingError):
+            _remove_if_empty(out_dir, Path(cfg.paths.runs).resolve())
+            print(f"kfac2l: {err}", file=sys.stderr)
+            sys.exit(2)
+        raise
     print(f"[kfac2l] {summary['optimizer']} on {summary['experiment']}: {summary['status']}, best train loss "
           f"{summary['best_train_loss']} at epoch {summary['best_epoch']} -> {out_dir}")
     return summary["best_train_loss"]
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ConfigError as err:
-        print(f"kfac2l: configuration error: {err}", file=sys.stderr)
-        sys.exit(2)
+    main()

@@ -40,6 +40,11 @@ class LayerGroup:
     def batch(self) -> int:
         return self.a.shape[1]
 
+    @property
+    def locations(self) -> int:
+        """T: spatial locations (or extra leading positions) sharing the weight."""
+        return self.a.shape[2]
+
     def project(self, u: torch.Tensor) -> torch.Tensor:
         """See ``project``; the contraction goes through the smaller of O and I."""
         L, B, T, I = self.a.shape
@@ -108,6 +113,10 @@ class ConvGroup(LayerGroup):
     @property
     def batch(self) -> int:
         return self.inputs[0].shape[0]
+
+    @property
+    def locations(self) -> int:
+        return self.output_grads[0][0, 0].numel()
 
     def _conv_input(self, layer: int) -> tuple[torch.Tensor, tuple[int, int]]:
         """The layer's input (explicitly padded if its padding is asymmetric) and the symmetric

@@ -9,7 +9,10 @@ weight rho = min(1 - 1/k, decay) (k = number of updates so far).
 Damping modes of [F_bullet KFAC]_{i,i}:
   * ``pi``     (A + pi sqrt(lambda) I) (x) (G + sqrt(lambda)/pi I)  with pi of eq. (2.30b) (paper);
   * ``factor`` (A + lambda I) (x) (G + lambda I)  (what the authors' public code does);
-  * ``exact``  A (x) G + lambda I, inverted in the Kronecker eigenbasis (Tselepidis et al.).
+  * ``exact``  A (x) G + lambda I, inverted in the Kronecker eigenbasis (Tselepidis et al.);
+  * ``unit_pi`` (A + sqrt(lambda/T) I) (x) (G + sqrt(lambda/T) I): pi = 1 and T the number of
+    spatial locations (1 for Linear layers), the damping of the KFAC *baseline* of the authors'
+    public code (opt-in, ``convention=authors``).
 All three are applied through eigen-decompositions batched over the group (one ``eigh`` call
 per factor size and group), which also give the spectral coarse vectors of eqs. (3.25-3.28).
 """
@@ -18,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-DAMPING_MODES = ("pi", "factor", "exact")
+DAMPING_MODES = ("pi", "factor", "exact", "unit_pi")
 
 
 def batch_factors(a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,7 +62,7 @@ class DampedKronecker:
     ``apply_inverse(U)`` returns [F_bullet KFAC]_{i,i}^{-1} u[i] as G'^{-1} MAT(u[i]) A'^{-1}.
     """
 
-    def __init__(self, A: torch.Tensor, G: torch.Tensor, damping: float, mode: str = "pi"):
+    def __init__(self, A: torch.Tensor, G: torch.Tensor, damping: float, mode: str = "pi", locations: int = 1):
         if mode not in DAMPING_MODES:
             raise ValueError(f"damping_mode={mode!r} is not valid; choose one of {DAMPING_MODES}")
         self.mode = mode
@@ -73,12 +76,29 @@ class DampedKronecker:
             if mode == "pi":
                 pi = pi_factor(A, G)
                 shift_a, shift_g = pi * damping**0.5, damping**0.5 / pi
+            elif mode == "unit_pi":
+                shift_a = shift_g = torch.full_like(self.eA[:, 0], (damping / locations) ** 0.5)
             else:
                 shift_a = shift_g = torch.full_like(self.eA[:, 0], damping)
             self.dA = self.eA + shift_a.unsqueeze(-1)
             self.dG = self.eG + shift_g.unsqueeze(-1)
             self.A_inv = (self.QA / self.dA.unsqueeze(-2)) @ self.QA.transpose(-1, -2)
             self.G_inv = (self.QG / self.dG.unsqueeze(-2)) @ self.QG.transpose(-1, -2)
+
+    _TENSORS = ("QA", "QG", "eA", "eG", "dA", "dG", "A_inv", "G_inv", "denominator")
+
+    def state_dict(self) -> dict:
+        """Everything ``apply_inverse`` uses (a checkpoint restores the inverses bit for bit)."""
+        state = {"mode": self.mode, "damping": self.damping}
+        state.update({k: getattr(self, k) for k in self._TENSORS if hasattr(self, k)})
+        return state
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "DampedKronecker":
+        obj = cls.__new__(cls)
+        for key, value in state.items():
+            setattr(obj, key, value)
+        return obj
 
     def apply_inverse(self, u: torch.Tensor) -> torch.Tensor:
         """[F_bullet KFAC]^{-1} applied layer-wise to u of shape (L, k, O, I) (eq. 2.29)."""
@@ -129,23 +149,31 @@ class DampedKronecker:
 
 
 class FactorState:
-    """Moving averages of the Kronecker factors of one layer group (rho = min(1 - 1/k, decay))."""
+    """Moving averages of the Kronecker factors of one layer group, rho = min(1 - 1/k, decay).
+
+    k is the number of updates so far (default, the paper's running average) or, when the caller
+    passes ``count``, that number (the authors' code used its iteration counter, so rho = decay
+    from the second refresh on).
+    """
 
     def __init__(self, decay: float = 0.95):
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"ema_decay={decay!r} must lie in [0, 1)")
         self.decay = decay
         self.updates = 0
+        self.locations = 1
         self.A: torch.Tensor | None = None
         self.G: torch.Tensor | None = None
 
-    def update(self, A: torch.Tensor, G: torch.Tensor) -> None:
+    def update(self, A: torch.Tensor, G: torch.Tensor, count: int | None = None, locations: int = 1) -> None:
         """Fold in one mini-batch estimate. A layer whose estimate is not finite (e.g. output
         gradients overflowing through a deep BatchNorm stack on a degenerate Fisher batch) keeps
         its previous factors (zeros before the first finite one, i.e. KFAC = the damped
         gradient), decided on the device without synchronisation."""
         self.updates += 1
-        rho = min(1.0 - 1.0 / self.updates, self.decay)
+        self.locations = int(locations)
+        k = self.updates if count is None else max(int(count), 1)
+        rho = min(1.0 - 1.0 / k, self.decay)
         finite = (A.isfinite().flatten(1).all(1) & G.isfinite().flatten(1).all(1))[:, None, None]
         if self.A is None:
             self.A, self.G = torch.zeros_like(A), torch.zeros_like(G)
@@ -153,3 +181,10 @@ class FactorState:
         for old, new in ((self.A, A), (self.G, G)):
             blended = old * rho + torch.where(finite, new, old) * (1.0 - rho)
             old.copy_(torch.where(finite, blended, old))
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "updates": self.updates, "locations": self.locations, "A": self.A, "G": self.G}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.decay, self.updates, self.locations = state["decay"], state["updates"], state["locations"]
+        self.A, self.G = state["A"], state["G"]

@@ -47,12 +47,27 @@ def init_weights(model: nn.Module, bias: float = 0.01, generator: torch.Generato
                 nn.init.constant_(m.bias, bias)
 
 
+def init_identical(model: nn.Module, seed: int, bias: float = 0.01) -> None:
+    """Xavier-uniform weights, each layer drawn from a generator reseeded with ``seed``: layers of
+    the same shape start identical (62 of the 64 layers of deep linear A are then one matrix).
+    This is what the authors' public code did (protocol defect 9): an ablation, never a default."""
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            nn.init.xavier_uniform_(m.weight, generator=torch.Generator().manual_seed(seed))
+            if m.bias is not None:
+                nn.init.constant_(m.bias, bias)
+
+
+INITS = ("xavier", "default", "identical")
+
+
 def build_model(name: str, init: str = "xavier", seed: int | None = None, **options) -> nn.Module:
-    """Build the named model. init: 'xavier' (protocol) or 'default' (PyTorch's)."""
+    """Build the named model. init: 'xavier' (protocol, one generator for all layers), 'default'
+    (PyTorch's) or 'identical' (the authors' code: same-shaped layers start identical)."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODELS)}")
-    if init not in ("xavier", "default"):
-        raise ValueError(f"init={init!r} is not valid; choose one of ('xavier', 'default')")
+    if init not in INITS:
+        raise ValueError(f"init={init!r} is not valid; choose one of {INITS}")
     try:
         model = MODELS[name].builder(**options)
     except TypeError as err:
@@ -60,7 +75,9 @@ def build_model(name: str, init: str = "xavier", seed: int | None = None, **opti
     if init == "xavier":
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         init_weights(model, generator=gen)
+    elif init == "identical":
+        init_identical(model, seed if seed is not None else 0)
     return model
 
 
-__all__ = ["MODELS", "ModelSpec", "build_model", "init_weights"]
+__all__ = ["INITS", "MODELS", "ModelSpec", "build_model", "init_identical", "init_weights"]

@@ -50,6 +50,9 @@ from kfac2l.curvature.layers import (
 )
 from kfac2l.curvature.likelihood import LIKELIHOODS, sample_targets, summed_nll
 
+KL_CLIP_FORMS = ("unscaled", "lr_squared")
+EMA_COUNTS = ("refreshes", "iterations")
+
 
 def _check_choice(name: str, value, choices) -> None:
     if value not in choices:
@@ -63,7 +66,11 @@ class CurvaturePreconditioner:
         model: the network; its nn.Linear and nn.Conv2d layers are preconditioned.
         damping: lambda of F_bullet = F + lambda I (2.17), > 0.
         lr: learning rate used by KL-clipping only (kept in sync by ``kfac2l.optim.Optimizer``).
-        kl_clip: if set, the step is scaled by min(1, sqrt(kl_clip / (lr^2 |<zeta, grad>|))).
+        kl_clip: kappa; if set, the step zeta is scaled by nu (applied before the base optimiser's lr).
+        kl_clip_form: 'unscaled' (default) nu = min(1, sqrt(kappa / sum_i |<zeta_i, grad_i>|)),
+            the form of the authors' code, for which the protocol's kappa values were tuned;
+            'lr_squared' nu = min(1, sqrt(kappa / (lr^2 |<zeta, grad>|))) (Martens & Grosse 2015,
+            kfac-pytorch), with the same kappa a much weaker clip at lr < 1.
         diagnostics: record the last step's diagnostics (see ``diagnostics``).
         exact_reference: with diagnostics, also compute the exact natural gradient on the Fisher
             batch and the true F_bullet-distances to it.
@@ -77,9 +84,11 @@ class CurvaturePreconditioner:
         damping: float = 1e-3,
         lr: float = 1.0,
         kl_clip: float | None = None,
+        kl_clip_form: str = "unscaled",
         diagnostics: bool = False,
         exact_reference: bool = False,
     ):
+        _check_choice("kl_clip_form", kl_clip_form, KL_CLIP_FORMS)
         if not damping > 0:
             raise ValueError(f"damping={damping!r} must be > 0")
         if kl_clip is not None and not kl_clip > 0:
@@ -93,10 +102,12 @@ class CurvaturePreconditioner:
         self.damping = float(damping)
         self.lr = float(lr)
         self.kl_clip = kl_clip
+        self.kl_clip_form = kl_clip_form
         self.track_diagnostics = bool(diagnostics or exact_reference)
         self.exact_reference = bool(exact_reference)
         self.steps = 0
         self.groups: list[LayerGroup] | None = None
+        self.group_indices: list[list[int]] | None = None  # layer grouping, kept across steps
         self._batch_step = -1
         self._diag: dict[str, torch.Tensor] = {}
 
@@ -141,6 +152,7 @@ class CurvaturePreconditioner:
         grads = torch.autograd.grad(nll, outputs, retain_graph=True, allow_unused=True)
         grads = [go if go is not None else torch.zeros_like(out) for out, go in zip(outputs, grads)]
         self.groups = capture_groups(self.modules, self.capture.inputs, grads)
+        self.group_indices = [list(g.indices) for g in self.groups]
         self.capture.clear()
         self._batch_step = self.steps
         self._on_fisher_batch()
@@ -159,27 +171,32 @@ class CurvaturePreconditioner:
     # ----------------------------------------------------------------- gradients
     def _gather(self) -> list[torch.Tensor]:
         return [
-            torch.stack([grad_matrix(self.modules[i]) for i in grp.indices]).unsqueeze(1)
-            for grp in self.groups
+            torch.stack([grad_matrix(self.modules[i]) for i in indices]).unsqueeze(1)
+            for indices in self.group_indices
         ]
 
     def _scatter(self, zeta: list[torch.Tensor]) -> None:
-        for grp, z in zip(self.groups, zeta):
-            for row, i in enumerate(grp.indices):
+        for indices, z in zip(self.group_indices, zeta):
+            for row, i in enumerate(indices):
                 write_grad_matrix(self.modules[i], z[row, 0])
 
     def _kl_clip(self, zeta: list[torch.Tensor], grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Scale zeta by nu (see ``kl_clip_form``); no host synchronisation."""
         if self.kl_clip is None:
             return zeta
-        vg = layered_dot(zeta, grads).sum().abs()
-        nu = torch.sqrt(self.kl_clip / (self.lr**2 * vg)).clamp(max=1.0)
+        if self.kl_clip_form == "unscaled":
+            per_layer = [(z * g).flatten(2).sum(-1).abs() for z, g in zip(zeta, grads)]
+            nu = torch.sqrt(self.kl_clip / sum(v.sum() for v in per_layer)).clamp(max=1.0)
+        else:
+            vg = layered_dot(zeta, grads).sum().abs()
+            nu = torch.sqrt(self.kl_clip / (self.lr**2 * vg)).clamp(max=1.0)
         self._diag["kl_scale"] = nu.detach()
         return [z * nu for z in zeta]
 
     @torch.no_grad()
     def step(self) -> None:
         """Replace ``.grad`` of the preconditioned layers by the step direction zeta."""
-        if self.groups is None:
+        if self.group_indices is None:
             raise RuntimeError(f"call {type(self).__name__}.update_curvature() before the first step()")
         self._diag = {}
         self.capture.clear()  # drop references to this step's layer outputs
@@ -212,6 +229,18 @@ class CurvaturePreconditioner:
         """Remove the forward hooks."""
         self.capture.remove()
 
+    # ----------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict:
+        """The state a later step depends on (tensors, numbers, lists): with ``load_state_dict``
+        into a freshly built preconditioner the following steps are bit-identical on CPU.
+        A Fisher batch is never kept: a step that needs one takes it anew."""
+        return {"steps": self.steps, "damping": self.damping, "lr": self.lr, "group_indices": self.group_indices}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps, self.damping, self.lr = int(state["steps"]), float(state["damping"]), float(state["lr"])
+        self.group_indices = state["group_indices"]
+        self.groups, self._batch_step = None, -1
+
     def _record_exact(self, groups, grads, candidates: dict[str, list[torch.Tensor]]) -> None:
         zeta = natural_gradient(groups, grads, self.damping)
         ref = fisher_norm_sq(groups, zeta, self.damping).sum()
@@ -230,8 +259,13 @@ class KFAC(CurvaturePreconditioner):
 
     Args (besides those of ``CurvaturePreconditioner``):
         damping_mode: 'pi' (eq. 2.30, default), 'factor' (lambda added to each factor, as the
-            authors' code did) or 'exact' ((A (x) G + lambda I)^{-1} in the eigenbasis).
+            authors' two-level code did), 'exact' ((A (x) G + lambda I)^{-1} in the eigenbasis)
+            or 'unit_pi' (sqrt(lambda / T) added to each factor, the authors' KFAC baseline).
         ema_decay: moving-average weight cap; rho = min(1 - 1/k, ema_decay).
+        ema_count: what k counts: 'refreshes' (default; the running average of the factor
+            estimates) or 'iterations' (the step counter at the refresh, as the authors' code).
+        freeze_factors: keep the factors of the first Fisher batch forever (the authors' KFAC
+            baseline in effect, protocol defect 8; an ablation, never a default).
         cov_interval: T_cov, refresh the factors every this many steps (1 in the library,
             100 in the paper's runs).
         inv_interval: T_inv, recompute the damped inverses every this many steps.
@@ -245,9 +279,12 @@ class KFAC(CurvaturePreconditioner):
         ema_decay: float = 0.95,
         cov_interval: int = 1,
         inv_interval: int = 1,
+        ema_count: str = "refreshes",
+        freeze_factors: bool = False,
         **kwargs,
     ):
         _check_choice("damping_mode", damping_mode, DAMPING_MODES)
+        _check_choice("ema_count", ema_count, EMA_COUNTS)
         for name, value in (("cov_interval", cov_interval), ("inv_interval", inv_interval)):
             if int(value) != value or value < 1:
                 raise ValueError(f"{name}={value!r} must be a positive integer")
@@ -256,26 +293,38 @@ class KFAC(CurvaturePreconditioner):
         self.ema_decay = ema_decay
         self.cov_interval = int(cov_interval)
         self.inv_interval = int(inv_interval)
+        self.ema_count = ema_count
+        self.freeze_factors = bool(freeze_factors)
         self.factors: list[FactorState] | None = None
         self.kron: list[DampedKronecker] | None = None
         self._group_key = None
         self._kron_damping = None
 
+    def _factors_due(self) -> bool:
+        if self.factors is None:
+            return True
+        return not self.freeze_factors and self.steps % self.cov_interval == 0
+
     def needs_curvature(self) -> bool:
-        due = self.factors is None or self.steps % self.cov_interval == 0
-        return due or self.exact_reference  # the exact reference needs this step's Fisher batch
+        return self._factors_due() or self.exact_reference  # the exact reference needs this step's Fisher batch
 
     def _on_fisher_batch(self) -> None:
         key = tuple(tuple(g.indices) for g in self.groups)
         if key != self._group_key:
             self.factors, self.kron, self._group_key = None, None, key
+        if not self._factors_due():
+            return
         if self.factors is None:
             self.factors = [FactorState(self.ema_decay) for _ in self.groups]
-        elif self.steps % self.cov_interval != 0:
-            return
+        count = self.steps + 1 if self.ema_count == "iterations" else None
         for state, grp in zip(self.factors, self.groups):
-            state.update(*batch_factors(grp.a, grp.g))
+            state.update(*batch_factors(grp.a, grp.g), count=count, locations=grp.locations)
         self._on_factor_update()
+
+    def _ema_weight(self) -> float:
+        """rho of the refresh just made (the same k as ``FactorState``), for other averages."""
+        k = self.steps + 1 if self.ema_count == "iterations" else self.factors[0].updates
+        return min(1.0 - 1.0 / k, self.ema_decay)
 
     def _on_factor_update(self) -> None:
         pass
@@ -289,7 +338,7 @@ class KFAC(CurvaturePreconditioner):
     def _inverses(self) -> list[DampedKronecker]:
         due = self.steps % self.inv_interval == 0 or self.kron is None or self._kron_damping != self.damping
         if due:
-            self.kron = [DampedKronecker(f.A, f.G, self.damping, self.damping_mode) for f in self.factors]
+            self.kron = [DampedKronecker(f.A, f.G, self.damping, self.damping_mode, f.locations) for f in self.factors]
             self._kron_damping = self.damping
         return self.kron
 
@@ -299,6 +348,26 @@ class KFAC(CurvaturePreconditioner):
         if self.exact_reference:
             self._record_exact(self._fresh_groups(), grads, {"kfac": zeta})
         return zeta
+
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state["factors"] = None if self.factors is None else [f.state_dict() for f in self.factors]
+        state["kron"] = None if self.kron is None else [k.state_dict() for k in self.kron]
+        state["kron_damping"] = self._kron_damping
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.factors = None
+        if state["factors"] is not None:
+            self.factors = [FactorState(self.ema_decay) for _ in state["factors"]]
+            for f, fs in zip(self.factors, state["factors"]):
+                f.load_state_dict(fs)
+        self.kron = None if state["kron"] is None else [DampedKronecker.from_state_dict(k) for k in state["kron"]]
+        self._kron_damping = state["kron_damping"]
+        indices = self.group_indices
+        self._group_key = None if indices is None else tuple(tuple(i) for i in indices)
 
 
 class TwoLevelKFAC(KFAC):
@@ -378,9 +447,19 @@ class TwoLevelKFAC(KFAC):
         if self._cross is None:
             self._cross = [cross_a, cross_g]
         else:
-            rho = min(1.0 - 1.0 / self.factors[0].updates, self.ema_decay)
+            rho = self._ema_weight()
             for old, new in zip(self._cross, (cross_a, cross_g)):
                 old.mul_(rho).add_(new, alpha=1.0 - rho)
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state["cross"] = self._cross  # PREVIOUS's averaged cross-layer Kronecker terms (3.18)
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self._cross = state["cross"]
+        self._static, self._static_for = None, None  # rebuilt from the restored inverses
 
     def _shapes(self, grads):
         return [(g.shape[0], g.shape[2], g.shape[3]) for g in grads]

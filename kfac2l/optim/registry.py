@@ -47,9 +47,9 @@ REGISTRY: dict[str, OptimizerSpec] = {
 OPTIMIZERS = tuple(REGISTRY)
 TWO_LEVEL = ("nico", "spectral", "residu", "kry-nico", "kry-residu", "previous", "taylor")
 
-_COMMON = {"lr", "weight_decay", "momentum"}
-_CURVATURE = {"damping", "kl_clip", "diagnostics", "exact_reference"}
-_KFAC = {"damping_mode", "ema_decay", "cov_interval", "inv_interval"}
+_COMMON = {"lr", "weight_decay", "momentum", "nesterov"}
+_CURVATURE = {"damping", "kl_clip", "kl_clip_form", "diagnostics", "exact_reference"}
+_KFAC = {"damping_mode", "ema_decay", "ema_count", "freeze_factors", "cov_interval", "inv_interval"}
 _TWO_LEVEL = {"correction", "coarse_operator", "coarse_scale", "taylor_order", "krylov_start"}
 _ADAM = {"lr", "weight_decay", "betas", "eps"}
 
@@ -109,15 +109,25 @@ class Optimizer:
         return self.preconditioner.diagnostics if self.preconditioner is not None else {}
 
     def state_dict(self) -> dict:
-        return self.base.state_dict()
+        """Base optimiser and preconditioner state (for checkpoints; loads with weights_only=True)."""
+        pre = self.preconditioner.state_dict() if self.preconditioner is not None else None
+        return {"name": self.name, "base": self.base.state_dict(), "preconditioner": pre}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("name") != self.name:
+            raise ValueError(f"optimizer state is for {state.get('name')!r}, not {self.name!r}")
+        self.base.load_state_dict(state["base"])
+        if self.preconditioner is not None:
+            self.preconditioner.load_state_dict(state["preconditioner"])
 
 
 def make_optimizer(name: str, model: nn.Module, lr: float, **options) -> Optimizer:
     """Build the optimiser ``name`` (one of ``OPTIMIZERS``) for ``model``.
 
-    Common options: weight_decay (1e-3), momentum (0.9, SGD-based only). Curvature options:
-    damping (required), kl_clip, diagnostics, exact_reference, and for the KFAC family
-    damping_mode, ema_decay, cov_interval, inv_interval; two-level: correction, coarse_operator,
+    Common options: weight_decay (1e-3), momentum (0.9) and nesterov (False), SGD-based only.
+    Curvature options: damping (required), kl_clip, kl_clip_form, diagnostics, exact_reference,
+    and for the KFAC family damping_mode, ema_decay, ema_count, freeze_factors, cov_interval,
+    inv_interval; two-level: correction, coarse_operator,
     coarse_scale, taylor_order, krylov_start (those a name fixes cannot be overridden).
     """
     spec = _spec(name)
@@ -135,7 +145,8 @@ def make_optimizer(name: str, model: nn.Module, lr: float, **options) -> Optimiz
         base = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, **options)
         return Optimizer(name, base, None)
     momentum = options.pop("momentum", 0.9)
-    base = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    nesterov = bool(options.pop("nesterov", False))
+    base = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
     if spec.preconditioner is None:
         return Optimizer(name, base, None)
     if "damping" not in options:

@@ -77,13 +77,17 @@ def training_step(
 ) -> torch.Tensor:
     """Fisher pass if due, then the loss, backward, preconditioning and the base step.
 
+    ``generator`` draws the Fisher batch indices and the sampled targets (the global generator
+    when None); the runner reseeds it every iteration so that the Fisher batch of an iteration
+    does not depend on how many Fisher passes came before (diagnostics, which take one every
+    step, then leave the trajectory unchanged, and a resumed run draws the same batches).
     Returns the mini-batch loss as a 0-dim tensor (not synchronised)."""
     target = x if task.autoencoder else y
     if optimizer.needs_curvature():
         size = max(1, int(round(fisher_fraction * x.shape[0])))
         idx = torch.randint(0, x.shape[0], (size,), device=x.device, generator=generator)
         with batchnorm_statistics_kept(model):
-            optimizer.update_curvature(model(x[idx]), task.likelihood)
+            optimizer.update_curvature(model(x[idx]), task.likelihood, generator=generator)
     optimizer.zero_grad()
     loss = task.loss(model(x), target)
     loss.backward()

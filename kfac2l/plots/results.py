@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pandas as pd
+
+from kfac2l.runs import iter_runs
 
 # Legend names and colours, identical in every figure.
 LABELS = {
@@ -22,13 +23,8 @@ ORDER = list(LABELS)
 
 
 def _runs(root: Path):
-    for path in sorted(Path(root).rglob("summary.json")):
-        try:
-            summary = json.loads(path.read_text())
-        except (json.JSONDecodeError, OSError):
-            continue
-        if summary.get("complete"):
-            yield path.parent, summary
+    for record in iter_runs(root):
+        yield record.path, record.summary
 
 
 def _load_runs(root: str | Path, filename: str, keys: tuple[str, ...]) -> pd.DataFrame:
