@@ -35,6 +35,7 @@ import torch
 from tqdm import tqdm
 
 from kfac2l.models import MODELS, build_model
+from kfac2l.names import NO_CURVATURE
 from kfac2l.optim import OPTIMIZERS, make_optimizer
 from kfac2l.optim.step import get_task, training_step
 
@@ -63,7 +64,7 @@ REFERENCES = ("sgd", "kfac")
 def _build(model_name: str, optimizer: str, interval: int, dev: torch.device):
     model = build_model(model_name, seed=0).to(dev)
     opts = {}
-    if optimizer not in ("sgd", "adam"):
+    if optimizer not in NO_CURVATURE:
         opts["damping"] = 1e-1
         if optimizer != "ngd":
             opts.update(cov_interval=interval, inv_interval=interval)

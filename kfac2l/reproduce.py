@@ -1,7 +1,9 @@
 """Reproduce a figure end to end: sweep -> select -> final seeded runs -> plot.
 
     python -m kfac2l.reproduce --figure 4 [--profile quick|paper] [--launcher local|joblib|slurm]
-                               [--panels deep_linear_a ...] [--seeds 1 2 3]
+                               [--panels deep_linear_a ...] [--seeds 1 2 3] [--grid small]
+                               [--grid-epochs 10] [--diagnostic-seeds 1]
+    python -m kfac2l.reproduce --figure 7 --profile paper      # the ablation (fixed settings, no grid)
 
 Every step is idempotent: sweep cells and final runs whose summary.json is complete are skipped,
 so rerunning after an interruption redoes only what is missing. Layout under ``results/``:
@@ -26,20 +28,23 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 
 from kfac2l.data import DataMissingError
-from kfac2l.plots.figures import FIGURES, PANELS, plot_figure
+from kfac2l.names import NO_CURVATURE
+from kfac2l.plots.figures import ABLATION, AUTHORS_SETTINGS, FIGURES, PANELS, plot_figure
 from kfac2l.plots.results import summary_table
 from kfac2l.select import read_selection
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-NO_CURVATURE = ("sgd", "adam")
 # grid per profile: (curvature optimisers, lr-only optimisers)
 SEARCH = {"paper": ("grid", "grid_lr"), "quick": ("quick", "quick_lr"), "demo": ("demo", "demo_lr"),
           "small": ("small", "small_lr")}
 
 
+EXTRA_OVERRIDES: list[str] = []  # --set KEY=VALUE: passed to every run (e.g. device=cuda, a small subset in tests)
+
+
 def _panel_overrides(panel, profile: str, launcher: str, results: Path, data: str) -> list[str]:
     return [f"experiment={panel.experiment}", *panel.overrides, f"profile={profile}", f"launcher={launcher}",
-            f"paths.tables={results / 'tables'}", f"paths.data={data}"]
+            f"paths.tables={results / 'tables'}", f"paths.data={data}", *EXTRA_OVERRIDES]
 
 
 def check_data(panel, profile: str, data: str) -> None:
@@ -48,7 +53,7 @@ def check_data(panel, profile: str, data: str) -> None:
 
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         cfg = compose("train", overrides=[f"experiment={panel.experiment}", *panel.overrides, f"profile={profile}",
-                                          f"paths.data={data}"])
+                                          f"paths.data={data}", *EXTRA_OVERRIDES])
     prepare(cfg)
 
 
@@ -97,6 +102,18 @@ def run_panel(panel, profile: str, launcher: str, results: Path, seeds: list[int
             _train([*final, f"seed={','.join(map(str, group_seeds))}", f"optimizer={','.join(group)}", *extra])
 
 
+def run_ablation_arm(panel, profile: str, launcher: str, results: Path, data: str) -> None:
+    """One arm of Figure 7: fixed settings (the authors' selected ones), no grid, its seeds."""
+    arm = next(v for v in ABLATION if v.panel == panel.name)
+    base = [*_panel_overrides(panel, profile, launcher, results, data), f"paths.runs={results / 'final'}"]
+    jobs: dict[tuple, list[str]] = {}
+    for opt in arm.optimizers:
+        jobs.setdefault((*AUTHORS_SETTINGS[opt], arm.seeds_for(opt)), []).append(opt)
+    for (lr, damping, seeds), opts in jobs.items():
+        _train([*base, f"optimizer={','.join(opts)}", f"optimizer.lr={lr}",
+                f"optimizer.damping={'null' if damping is None else damping}", f"seed={','.join(map(str, seeds))}"])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--figure", type=int, required=True, choices=sorted(FIGURES))
@@ -113,7 +130,10 @@ def main(argv: list[str] | None = None) -> int:
                         "selection budget; default: the profile's); final runs use the experiment's epochs")
     parser.add_argument("--diagnostic-seeds", nargs="*", type=int, default=None,
                         help="final seeds that record diagnostics (default: the first seed)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="Hydra overrides added to every run (e.g. device=cuda)")
     args = parser.parse_args(argv)
+    EXTRA_OVERRIDES[:] = args.set
     panels = args.panels or FIGURES[args.figure]
     unknown = [p for p in panels if p not in PANELS]
     if unknown:
@@ -132,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     start = time.perf_counter()
     for name in available:
+        if args.figure == 7:
+            run_ablation_arm(PANELS[name], args.profile, args.launcher, results, args.data)
+            continue
         run_panel(PANELS[name], args.profile, args.launcher, results, seeds, SEARCH[args.grid or args.profile],
                   args.data, args.grid_epochs, args.diagnostic_seeds)
     written = [plot_figure(args.figure, results, args.profile, panels)]

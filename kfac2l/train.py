@@ -26,6 +26,7 @@ import math
 import os
 import shutil
 import signal
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -203,6 +204,7 @@ def validate(cfg: DictConfig) -> tuple[float, dict]:
         raise ConfigError(f"divergence={_container(div)}; valid: factor > 1 and epochs an integer >= 1")
     _choice("progress", str(cfg.progress), ["auto", "True", "False", "true", "false"])
     _device(cfg.device)
+    _check_writable_root(Path(str(cfg.dataset.root)), "dataset.root")
     lr, opts = optimizer_options(cfg)
     try:  # the optimiser's own checks (option names, values), on a throw-away model
         probe = make_optimizer(cfg.optimizer.name, torch.nn.Linear(2, 2), lr=lr, **opts)
@@ -211,6 +213,21 @@ def validate(cfg: DictConfig) -> tuple[float, dict]:
     except ValueError as err:
         raise ConfigError(str(err)) from None
     return lr, opts
+
+
+def _check_writable_root(root: Path, key: str) -> None:
+    """An existing folder is fine (read-only shared data folders hold their files); a folder that
+    does not exist yet must be creatable, or nothing could ever be put there."""
+    if root.exists():
+        if not root.is_dir():
+            raise ConfigError(f"{key}={root} is not a folder; valid: a folder (created if absent)")
+        return
+    parent = root
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}={root} does not exist and cannot be created ({parent} is not writable); "
+                          "valid: a writable folder")
 
 
 def prepare(cfg: DictConfig):
@@ -395,7 +412,7 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
         "data_source": data.source, "dataset": data.name, "train_samples": int(data.x_train.shape[0]),
         "device": str(device), "torch_threads": torch.get_num_threads(), "git_commit": git_commit(),
         "max_epochs": max_epochs(cfg), "identity": identity, "identity_id": ident,
-        "resumed_from_epoch": None, "resumes": 0,
+        "resumed_from_epoch": None, "resumes": 0, "pid": os.getpid(), "host": socket.gethostname(),
     }
     if resumed is not None:
         model.load_state_dict(resumed["model"])
@@ -570,7 +587,7 @@ def _remove_if_empty(out_dir: Path, stop: Path) -> None:
         if hydra_dir.is_dir() and not [p for p in out_dir.iterdir() if p.name not in (".hydra", "train.log")]:
             shutil.rmtree(out_dir)
             parent = out_dir.parent
-            while parent != stop and stop in parent.parents and not any(parent.iterdir()):
+            while (parent == stop or stop in parent.parents) and not any(parent.iterdir()):
                 parent.rmdir()
                 parent = parent.parent
     except OSError:
@@ -589,9 +606,9 @@ def main(cfg: DictConfig) -> float | None:
         print(f"kfac2l: {err}", file=sys.stderr)
         sys.exit(2)
     except Exception as err:
-        from kfac2l.data import DataMissingError
+        from kfac2l.data import DataCorruptError, DataMissingError
 
-        if isinstance(err, DataMissingError):
+        if isinstance(err, (DataMissingError, DataCorruptError)):
             _remove_if_empty(out_dir, Path(cfg.paths.runs).resolve())
             print(f"kfac2l: {err}", file=sys.stderr)
             sys.exit(2)
@@ -601,5 +618,28 @@ def main(cfg: DictConfig) -> float | None:
     return summary["best_train_loss"]
 
 
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+GROUPS = ("model", "dataset", "optimizer", "profile", "search", "launcher", "logger", "paths", "experiment",
+          "convention")
+
+
+def check_group_choices(argv: list[str]) -> str | None:
+    """One line naming a config-group choice that does not exist (``optimizer=kfak``) and the valid
+    ones, or None: checked before Hydra, whose own message is a multi-line traceback."""
+    for arg in argv:
+        key, sep, value = arg.lstrip("+~").partition("=")
+        if not sep or key not in GROUPS:
+            continue
+        valid = sorted(p.stem for p in (CONFIGS / key).glob("*.yaml"))
+        for choice in value.split(","):
+            if choice.strip() and choice.strip() not in valid:
+                return f"unknown {key} {choice.strip()!r}; valid: {', '.join(valid)}"
+    return None
+
+
 if __name__ == "__main__":
+    problem = check_group_choices(sys.argv[1:])
+    if problem:
+        print(f"kfac2l: {problem}", file=sys.stderr)
+        sys.exit(2)
     main()

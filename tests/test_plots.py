@@ -59,8 +59,8 @@ def test_gap_figure_smooths_and_distance_figure_ratio(results):
 def test_missing_panel_is_drawn_empty_and_bad_figure_rejected(results, tmp_path):
     paths = plot_figure(4, results, "quick")  # deep_linear_b has no results
     assert paths["figure"].exists()
-    with pytest.raises(ValueError, match="figure=7"):
-        plot_figure(7, results)
+    with pytest.raises(ValueError, match="figure=8"):
+        plot_figure(8, results)
     with pytest.raises(ValueError, match="unknown panel"):
         plot_figure(4, results, panels=["nope"])
 

@@ -9,6 +9,6 @@ it and the URL, before any training starts.
 
 from __future__ import annotations
 
-from kfac2l.data.core import DATASETS, DataMissingError, DataSplits, TensorBatches, load_dataset
+from kfac2l.data.core import DATASETS, DataCorruptError, DataMissingError, DataSplits, TensorBatches, load_dataset
 
-__all__ = ["DATASETS", "DataMissingError", "DataSplits", "TensorBatches", "load_dataset"]
+__all__ = ["DATASETS", "DataCorruptError", "DataMissingError", "DataSplits", "TensorBatches", "load_dataset"]

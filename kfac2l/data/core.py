@@ -21,6 +21,22 @@ class DataMissingError(FileNotFoundError):
     """A data file is absent and could not be downloaded."""
 
 
+class DataCorruptError(ValueError):
+    """A data file is present but cannot be read (truncated, corrupt, another version), or the
+    data root cannot be written."""
+
+
+_PRESENT = {  # what, under the root, shows that a torchvision data set is there
+    "mnist": ("MNIST/raw", "*-ubyte"), "fashion_mnist": ("FashionMNIST/raw", "*-ubyte"),
+    "cifar10": ("cifar-10-batches-py", "*"), "cifar100": ("cifar-100-python", "*"), "svhn": (".", "*_32x32.mat"),
+}
+
+
+def _present_files(name: str, root: Path) -> list[Path]:
+    folder, pattern = _PRESENT[name]
+    return sorted((root / folder).glob(pattern)) if (root / folder).is_dir() else []
+
+
 @dataclass
 class DataSplits:
     """Train and test tensors; ``source`` says where they came from (recorded in every result)."""
@@ -89,14 +105,26 @@ def _torchvision(name: str, root: Path, download: bool) -> DataSplits:
         "svhn": (tvd.SVHN, "split"),
     }[name]
     source = "torchvision"
-    if name == "fashion_mnist":
-        source = _stage_debian_fashion_mnist(root) or source
+    try:
+        if name == "fashion_mnist":
+            source = _stage_debian_fashion_mnist(root) or source
+    except PermissionError as err:
+        raise DataCorruptError(f"data root {root} cannot be written ({err}); set paths.data (or dataset.root) "
+                               "to a writable folder") from None
     try:
         if kind == "split":
             train, test = cls(str(root), split="train", download=download), cls(str(root), split="test", download=download)
         else:
             train, test = cls(str(root), train=True, download=download), cls(str(root), train=False, download=download)
-    except (RuntimeError, urllib.error.URLError, OSError) as err:
+    except PermissionError as err:
+        raise DataCorruptError(f"data root {root} cannot be written or read ({err}); set paths.data (or "
+                               "dataset.root) to a writable folder") from None
+    except (RuntimeError, urllib.error.URLError, OSError, ValueError, EOFError) as err:
+        present = _present_files(name, root)
+        if present and not isinstance(err, urllib.error.URLError):
+            files = ", ".join(str(p) for p in present[:4])
+            raise DataCorruptError(f"data set {name!r} is present but cannot be read ({type(err).__name__}: {err}); "
+                                   f"files: {files}; delete them to download afresh") from None
         raise DataMissingError(_missing_message(name, root, err)) from None
     xs, ys = [], []
     for ds in (train, test):
@@ -182,13 +210,16 @@ def _mat(name: str, root: Path, download: bool, md5: str | None, split_seed: int
                                f"download it from {url} and put it at {path}")
     digest = hashlib.md5(path.read_bytes()).hexdigest()
     if md5 and digest != md5:
-        raise ValueError(f"{path} has md5 {digest}, expected {md5}: the file is corrupted or a different version")
+        raise DataCorruptError(f"{path} has md5 {digest}, expected {md5}: the file is corrupted or a different version")
     try:
         mat = scipy.io.loadmat(str(path))
     except NotImplementedError as err:
-        raise ValueError(f"{path} is a MATLAB v7.3 file, which scipy cannot read; re-save it as v7 ({err})") from None
+        raise DataCorruptError(f"{path} is a MATLAB v7.3 file, which scipy cannot read; re-save it as v7 ({err})") from None
+    except (ValueError, TypeError, OSError, scipy.io.matlab.MatReadError) as err:
+        raise DataCorruptError(f"{path} exists but is not a readable MATLAB file ({type(err).__name__}: {err}); "
+                               f"delete it to download afresh from {url}") from None
     if key not in mat:
-        raise ValueError(f"{path} has no variable {key!r} (found {sorted(k for k in mat if not k.startswith('__'))})")
+        raise DataCorruptError(f"{path} has no variable {key!r} (found {sorted(k for k in mat if not k.startswith('__'))})")
     data = np.asarray(mat[key], dtype=np.float32)
     if transpose:
         data = data.T

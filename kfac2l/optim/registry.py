@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from kfac2l.names import TWO_LEVEL  # noqa: F401 (re-exported)
 from kfac2l.optim.preconditioner import KFAC, CurvaturePreconditioner, ExactNGD, TwoLevelKFAC
 
 
@@ -23,29 +24,26 @@ class OptimizerSpec:
     preconditioner: type | None
     fixed: dict = field(default_factory=dict)
     base: str = "sgd"
-    label: str = ""
 
 
 REGISTRY: dict[str, OptimizerSpec] = {
-    "sgd": OptimizerSpec(None, label="SGD"),
-    "adam": OptimizerSpec(None, base="adam", label="ADAM"),
-    "kfac": OptimizerSpec(KFAC, label="KFAC"),
-    "nico": OptimizerSpec(TwoLevelKFAC, {"coarse_space": "nicolaides"}, label="NICO"),
-    "spectral": OptimizerSpec(TwoLevelKFAC, {"coarse_space": "spectral"}, label="SPECTRAL"),
-    "residu": OptimizerSpec(TwoLevelKFAC, {"coarse_space": "residual"}, label="RESIDU"),
-    "kry-nico": OptimizerSpec(TwoLevelKFAC, {"coarse_space": "krylov-nicolaides"}, label="KRY-NICO"),
-    "kry-residu": OptimizerSpec(TwoLevelKFAC, {"coarse_space": "krylov-residual"}, label="KRY-RESIDU"),
+    "sgd": OptimizerSpec(None),
+    "adam": OptimizerSpec(None, base="adam"),
+    "kfac": OptimizerSpec(KFAC),
+    "nico": OptimizerSpec(TwoLevelKFAC, {"coarse_space": "nicolaides"}),
+    "spectral": OptimizerSpec(TwoLevelKFAC, {"coarse_space": "spectral"}),
+    "residu": OptimizerSpec(TwoLevelKFAC, {"coarse_space": "residual"}),
+    "kry-nico": OptimizerSpec(TwoLevelKFAC, {"coarse_space": "krylov-nicolaides"}),
+    "kry-residu": OptimizerSpec(TwoLevelKFAC, {"coarse_space": "krylov-residual"}),
     "previous": OptimizerSpec(
         TwoLevelKFAC,
         {"coarse_space": "nicolaides", "correction": "additive", "coarse_operator": "kronecker"},
-        label="PREVIOUS",
     ),
-    "taylor": OptimizerSpec(TwoLevelKFAC, {"coarse_space": "taylor"}, label="TAYLOR"),
-    "ngd": OptimizerSpec(ExactNGD, label="NGD"),
+    "taylor": OptimizerSpec(TwoLevelKFAC, {"coarse_space": "taylor"}),
+    "ngd": OptimizerSpec(ExactNGD),
 }
 
 OPTIMIZERS = tuple(REGISTRY)
-TWO_LEVEL = ("nico", "spectral", "residu", "kry-nico", "kry-residu", "previous", "taylor")
 
 _COMMON = {"lr", "weight_decay", "momentum", "nesterov"}
 _CURVATURE = {"damping", "kl_clip", "kl_clip_form", "diagnostics", "exact_reference"}

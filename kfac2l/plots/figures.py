@@ -7,7 +7,11 @@
             sigma = 3, first 20000 iterations, zero line
   Figure 6  true squared F_bullet-distances of the KFAC and two-level steps to the exact natural
             gradient step (top) and their ratio (bottom) vs iteration: the paper's claim tested.
-Each figure is written as PNG with a CSV of exactly what it plots and a summary CSV (best training
+  Figure 7  ablation on deep linear A at the authors' selected settings: best training loss per
+            optimiser under convention=paper, convention=authors and each authors' ingredient
+            alone (identical init, frozen KFAC curvature, KL-clip form), with curves.
+Loss curves are the median over seeds with a min-max band; every optimiser has its own colour,
+line style and marker. Each figure is written as PNG with a CSV of exactly what it plots and a summary CSV (best training
 loss per optimiser per panel, epochs run). Titles state the profile and the data source.
 """
 
@@ -26,9 +30,8 @@ import pandas as pd  # noqa: E402
 from scipy.ndimage import gaussian_filter1d  # noqa: E402
 
 from kfac2l.io import atomic_write_csv  # noqa: E402
-from kfac2l.plots.results import COLORS, LABELS, ORDER, load_curves, load_diagnostics, summary_table  # noqa: E402
-
-TWO_LEVEL = ["nico", "spectral", "residu", "kry-nico", "kry-residu", "previous", "taylor"]
+from kfac2l.names import COLORS, LABELS, LINESTYLES, MARKERS, ORDER, PAPER_OPTIMIZERS, TWO_LEVEL  # noqa: E402
+from kfac2l.plots.results import load_curves, load_diagnostics, selection_budget, summary_table  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -40,7 +43,7 @@ class Panel:
     title: str
     overrides: tuple[str, ...] = ()
     diagnostics: bool = False
-    optimizers: tuple[str, ...] = field(default=("kfac", *TWO_LEVEL, "adam", "sgd"))
+    optimizers: tuple[str, ...] = field(default=PAPER_OPTIMIZERS)
 
 
 def _ae(name, experiment, batch, title, diagnostics=False):
@@ -59,6 +62,41 @@ PANELS: dict[str, Panel] = {p.name: p for p in [
     Panel("deep_linear_b", "deep_linear_b", "Deep linear B / MNIST"),
 ]}
 
+# The authors' selected settings on deep linear A (protocol.md, "Conventions of the public code"):
+# their two-level files without the undisclosed coefficient c use lr 1e-2, damping 1e-2.
+AUTHORS_SETTINGS = {"sgd": (1e-3, None), "adam": (1e-3, None), **{o: (1e-2, 1e-2) for o in ("kfac", *TWO_LEVEL)}}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One arm of the Figure 7 ablation: overrides, optimisers and seeds (two-level: ``tl_seeds``)."""
+
+    name: str
+    label: str
+    overrides: tuple[str, ...]
+    optimizers: tuple[str, ...]
+    seeds: tuple[int, ...] = (1, 2, 3)
+    tl_seeds: tuple[int, ...] = (1,)
+
+    @property
+    def panel(self) -> str:
+        return f"deep_linear_a_abl_{self.name}"
+
+    def seeds_for(self, optimizer: str) -> tuple[int, ...]:
+        return self.tl_seeds if optimizer in TWO_LEVEL else self.seeds
+
+
+ABLATION = [
+    Variant("paper", "convention=paper", (), ("kfac", *TWO_LEVEL, "adam", "sgd")),
+    Variant("authors", "convention=authors", ("convention=authors",), ("kfac", *TWO_LEVEL, "adam", "sgd")),
+    Variant("init", "identical init only", ("model.init=identical",), ("kfac", "adam", "sgd")),
+    Variant("frozen", "frozen KFAC curvature only", ("+optimizer.options.freeze_factors=true",), ("kfac",)),
+    Variant("clip", "KL clip with lr^2 only", ("+optimizer.options.kl_clip_form=lr_squared",), ("kfac",)),
+]
+for _v in ABLATION:
+    PANELS[_v.panel] = Panel(_v.panel, "deep_linear_a", f"Deep linear A, {_v.label}",
+                             (*_v.overrides, f"experiment.name={_v.panel}"), optimizers=_v.optimizers)
+
 FIGURES: dict[int, list[str]] = {
     2: [f"{ae}_ae_bs{b}" for ae, bs in (("curves", (64, 128, 256)), ("mnist", (512, 1024, 2048)),
                                           ("faces", (1024, 2048, 4096))) for b in bs],
@@ -66,6 +104,7 @@ FIGURES: dict[int, list[str]] = {
     4: ["deep_linear_a", "deep_linear_b"],
     5: ["curves_ae_bs128", "mnist_ae_bs1024", "faces_ae_bs2048", "cuda_convnet"],
     6: ["curves_ae_bs128", "mnist_ae_bs1024", "faces_ae_bs2048", "cuda_convnet"],
+    7: [v.panel for v in ABLATION],
 }
 
 
@@ -88,8 +127,33 @@ def _provenance(frames: list[pd.DataFrame], profile: str) -> str:
     return f"profile={profile}{' (not the paper protocol)' if profile != 'paper' else ''}; data: {data}{warn}"
 
 
+def seed_bands(curves: pd.DataFrame, value: str = "train_loss", x: str = "epoch") -> pd.DataFrame:
+    """Per optimiser and ``x``: median, min and max of ``value`` over seeds, and how many seeds
+    reached that ``x`` (runs stopped early by patience simply end)."""
+    grouped = curves.groupby(["optimizer", x])[value]
+    return grouped.agg(median="median", low="min", high="max", seeds="count").reset_index()
+
+
+def draw_bands(ax, bands: pd.DataFrame, optimizers, x: str = "epoch", label_suffix: str = "") -> None:
+    """Median line with a min-max band per optimiser, in its colour, line style and marker."""
+    for opt in optimizers:
+        sub = bands[bands["optimizer"] == opt].sort_values(x)
+        if sub.empty:
+            continue
+        every = max(1, len(sub) // 8)
+        ax.plot(sub[x], sub["median"], label=LABELS[opt] + label_suffix, color=COLORS[opt], ls=LINESTYLES[opt],
+                marker=MARKERS[opt], markevery=every, markersize=4, lw=1.3)
+        if (sub["high"] > sub["low"]).any():
+            ax.fill_between(sub[x], sub["low"], sub["high"], color=COLORS[opt], alpha=0.15, lw=0)
+
+
+def _budget_note(results_root: Path, profile: str, panels: list[str]) -> str:
+    budgets = sorted({b for p in panels if (b := selection_budget(results_root, profile, p))})
+    return f"; lr/damping selected on {' | '.join(budgets)}" if budgets else ""
+
+
 def plot_loss_figure(figure: int, panels: list[str], root: Path, out: Path, profile: str):
-    """Figures 2-4: training loss (log) against epoch, mean over seeds, one curve per optimiser."""
+    """Figures 2-4: training loss (log) against epoch, median over seeds with a min-max band."""
     rows, cols = _grid(len(panels))
     fig, axes = plt.subplots(rows, cols, figsize=(_width(cols), 3.4 * rows + 1.0), squeeze=False)
     plotted, summaries, frames = [], [], []
@@ -97,26 +161,89 @@ def plot_loss_figure(figure: int, panels: list[str], root: Path, out: Path, prof
         panel = PANELS[name]
         curves = load_curves(root / profile / name)
         frames.append(curves)
-        ax.set_title(panel.title, fontsize=10)
         ax.set_xlabel("epoch")
         ax.set_ylabel("training loss")
         if curves.empty:
+            ax.set_title(panel.title, fontsize=10)
             ax.text(0.5, 0.5, "no results", ha="center", va="center", transform=ax.transAxes)
             continue
-        mean = curves.groupby(["optimizer", "epoch"])["train_loss"].mean().reset_index()
-        for opt in [o for o in ORDER if o in set(mean["optimizer"])]:
-            sub = mean[mean["optimizer"] == opt]
-            ax.plot(sub["epoch"], sub["train_loss"], label=LABELS[opt], color=COLORS[opt], lw=1.4)
-            plotted.append(sub.assign(panel=name))
+        seeds = curves.groupby("optimizer")["seed"].nunique()
+        ax.set_title(f"{panel.title} ({_seed_text(seeds)})", fontsize=10)
+        bands = seed_bands(curves)
+        draw_bands(ax, bands, [o for o in ORDER if o in set(bands["optimizer"])])
+        plotted.append(bands.rename(columns={"median": "train_loss"}).assign(panel=name))
         ax.set_yscale("log")
         table = summary_table(root / profile / name)
         summaries.append(table.assign(panel=name))
     handles, labels = next(((h, lab) for h, lab in (a.get_legend_handles_labels() for a in axes.flat) if h), ([], []))
     if handles:
         fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), fontsize=8, frameon=False)
-    _title(fig, f"Figure {figure}: training loss - {_provenance(frames, profile)}")
+    _title(fig, f"Figure {figure}: training loss, median and min-max over seeds - {_provenance(frames, profile)}"
+                f"{_budget_note(root.parent, profile, panels)}")
     fig.tight_layout(rect=(0, 0.1, 1, 0.94))
     return _save(fig, out, figure, plotted, summaries)
+
+
+def _seed_text(seeds: pd.Series) -> str:
+    counts = sorted(set(int(n) for n in seeds))
+    return f"{'/'.join(map(str, counts))} seed{'s' if counts != [1] else ''}"
+
+
+def plot_ablation_figure(figure: int, panels: list[str], root: Path, out: Path, profile: str):
+    """Figure 7: best training loss per optimiser and ablation arm (median, min-max over seeds),
+    and the KFAC, ADAM and SGD curves of each arm."""
+    arms = [v for v in ABLATION if v.panel in panels]
+    frames, rows = [], []
+    for arm in arms:
+        curves = load_curves(root / profile / arm.panel)
+        frames.append(curves)
+        if curves.empty:
+            continue
+        best = curves.groupby(["optimizer", "seed"])["train_loss"].min().reset_index()
+        for opt, sub in best.groupby("optimizer"):
+            rows.append({"arm": arm.name, "label": arm.label, "optimizer": opt, "median": sub["train_loss"].median(),
+                         "low": sub["train_loss"].min(), "high": sub["train_loss"].max(), "seeds": len(sub)})
+    table = pd.DataFrame(rows, columns=["arm", "label", "optimizer", "median", "low", "high", "seeds"])
+    focus = ["kfac", "adam", "sgd"]
+    fig, axes = plt.subplots(1, 1 + len(focus), figsize=(4.6 * (1 + len(focus)), 4.6), squeeze=False)
+    ax = axes[0, 0]
+    opts = [o for o in ORDER if o in set(table["optimizer"])]
+    arm_styles = {a.name: (m, c) for a, m, c in zip(arms, "oDs^v", ["#000000", "#d62728", "#1f77b4", "#2ca02c",
+                                                                    "#9467bd"])}
+    for k, arm in enumerate(arms):
+        sub = table[table["arm"] == arm.name].set_index("optimizer")
+        xs = [opts.index(o) + (k - (len(arms) - 1) / 2) * 0.12 for o in sub.index]
+        marker, colour = arm_styles[arm.name]
+        ax.errorbar(xs, sub["median"], yerr=[sub["median"] - sub["low"], sub["high"] - sub["median"]], fmt=marker,
+                    color=colour, label=arm.label, capsize=2, ms=5, lw=1)
+    ax.set_xticks(range(len(opts)), [LABELS[o] for o in opts], rotation=60, fontsize=7)
+    ax.set_yscale("log")
+    ax.set_ylabel("best training loss (median, min-max)")
+    ax.set_title("best training loss per arm", fontsize=10)
+    if len(table):
+        ax.legend(fontsize=7)
+    plotted = [table.assign(kind="best")]
+    for ax, opt in zip(axes[0, 1:], focus):
+        ax.set_title(f"{LABELS[opt]}: training loss", fontsize=10)
+        ax.set_xlabel("epoch")
+        for arm, frame in zip(arms, frames):
+            if frame.empty or opt not in set(frame["optimizer"]):
+                continue
+            bands = seed_bands(frame[frame["optimizer"] == opt])
+            marker, colour = arm_styles[arm.name]
+            ax.plot(bands["epoch"], bands["median"], color=colour, marker=marker, markevery=max(1, len(bands) // 8),
+                    ms=4, lw=1.2, label=arm.label)
+            ax.fill_between(bands["epoch"], bands["low"], bands["high"], color=colour, alpha=0.12, lw=0)
+            plotted.append(bands.assign(kind="curve", arm=arm.name))
+        ax.set_yscale("log")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    settings = ", ".join(f"{LABELS[o]} lr {AUTHORS_SETTINGS[o][0]:g}" + (
+        f" damping {AUTHORS_SETTINGS[o][1]:g}" if AUTHORS_SETTINGS[o][1] else "") for o in ("kfac", "adam", "sgd"))
+    _title(fig, f"Figure 7: ablation, deep linear A at the authors' selected settings ({settings}; two-level as KFAC)"
+                f" - {_provenance(frames, profile)}")
+    fig.tight_layout(rect=(0, 0, 1, 0.9))
+    return _save(fig, out, figure, plotted, [table])
 
 
 def _panel_diagnostics(panel_dir: Path, frames: list[pd.DataFrame]) -> pd.DataFrame:
@@ -210,7 +337,7 @@ def _save(fig, out: Path, figure: int, plotted: list[pd.DataFrame], summaries: l
 
 def plot_figure(figure: int, results: str | Path = "results", profile: str = "quick",
                 panels: list[str] | None = None, out: str | Path | None = None) -> dict:
-    """Draw figure 2-6 from ``<results>/final/<profile>/<panel>``; returns the written paths."""
+    """Draw figure 2-7 from ``<results>/final/<profile>/<panel>``; returns the written paths."""
     if figure not in FIGURES:
         raise ValueError(f"figure={figure!r} is not valid; choose one of {sorted(FIGURES)}")
     panels = panels or FIGURES[figure]
@@ -219,5 +346,5 @@ def plot_figure(figure: int, results: str | Path = "results", profile: str = "qu
         raise ValueError(f"unknown panel(s) {unknown}; valid panels: {', '.join(PANELS)}")
     root = Path(results) / "final"
     out = Path(out) if out else Path(results) / "figures" / profile
-    draw = {5: plot_gap_figure, 6: plot_distance_figure}.get(figure, plot_loss_figure)
+    draw = {5: plot_gap_figure, 6: plot_distance_figure, 7: plot_ablation_figure}.get(figure, plot_loss_figure)
     return draw(figure, panels, root, out, profile)

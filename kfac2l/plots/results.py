@@ -6,20 +6,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from kfac2l.names import COLORS, LABELS, ORDER  # noqa: F401 (re-exported for the figures)
 from kfac2l.runs import iter_runs
-
-# Legend names and colours, identical in every figure.
-LABELS = {
-    "kfac": "KFAC", "nico": "NICO", "spectral": "SPECTRAL", "residu": "RESIDU", "kry-nico": "KRY-NICO",
-    "kry-residu": "KRY-RESIDU", "previous": "PREVIOUS", "taylor": "TAYLOR", "adam": "ADAM", "sgd": "SGD",
-    "ngd": "NGD",
-}
-COLORS = {
-    "kfac": "#000000", "nico": "#1f77b4", "spectral": "#ff7f0e", "residu": "#2ca02c", "kry-nico": "#d62728",
-    "kry-residu": "#9467bd", "previous": "#8c564b", "taylor": "#e377c2", "adam": "#7f7f7f", "sgd": "#bcbd22",
-    "ngd": "#17becf",
-}
-ORDER = list(LABELS)
 
 
 def _runs(root: Path):
@@ -68,3 +56,16 @@ def summary_table(root: str | Path) -> pd.DataFrame:
     ).reset_index()
     table["order"] = table["optimizer"].map({k: i for i, k in enumerate(ORDER)})
     return table.sort_values("order").drop(columns="order").reset_index(drop=True)
+
+
+def selection_budget(results: str | Path, profile: str, panel: str) -> str | None:
+    """The budget the panel's lr/damping were selected on (``tables/<profile>/<panel>/best_settings.csv``)."""
+    path = Path(results) / "tables" / profile / panel / "best_settings.csv"
+    if not path.exists():
+        return None
+    frame = pd.read_csv(path)
+    if "budget" not in frame or frame["budget"].dropna().empty:
+        return None
+    budget = str(frame["budget"].dropna().iloc[0])
+    epochs = budget.split("max_epochs=")[1].split(",")[0] if "max_epochs=" in budget else "?"
+    return f"the first {epochs} epochs of a seed-0 grid"
