@@ -29,7 +29,7 @@ from hydra import compose, initialize_config_dir
 
 from kfac2l.data import DataMissingError
 from kfac2l.names import NO_CURVATURE
-from kfac2l.plots.figures import ABLATION, AUTHORS_SETTINGS, FIGURES, PANELS, plot_figure
+from kfac2l.plots.figures import ABLATION, AUTHORS_SETTINGS, FIGURES, PANELS, default_seeds, figure_panels, plot_figure
 from kfac2l.plots.results import summary_table
 from kfac2l.select import read_selection
 
@@ -134,12 +134,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="Hydra overrides added to every run (e.g. device=cuda)")
     args = parser.parse_args(argv)
     EXTRA_OVERRIDES[:] = args.set
-    panels = args.panels or FIGURES[args.figure]
-    unknown = [p for p in panels if p not in PANELS]
-    if unknown:
-        print(f"kfac2l.reproduce: unknown panel(s) {unknown}; valid: {', '.join(FIGURES[args.figure])}", file=sys.stderr)
+    try:
+        panels = figure_panels(args.figure, args.panels)
+    except ValueError as err:
+        print(f"kfac2l.reproduce: {err}", file=sys.stderr)
         return 2
-    seeds = args.seeds or ([1, 2, 3] if args.profile == "paper" else [1])
+    seeds = args.seeds or default_seeds(args.profile)
     results = Path(args.results)
     available = []
     for name in panels:  # a panel whose data is missing is reported and left out, before any training

@@ -20,7 +20,7 @@ import pandas as pd
 import yaml
 
 from kfac2l.names import NO_CURVATURE
-from kfac2l.plots.figures import ABLATION, AUTHORS_SETTINGS, FIGURES, PANELS
+from kfac2l.plots.figures import ABLATION, AUTHORS_SETTINGS, FIGURES, PANELS, default_seeds, figure_panels
 from kfac2l.runs import read_summary
 from kfac2l.train import CONFIGS, run_name
 
@@ -108,12 +108,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=None)
     parser.add_argument("--results", default="results")
     args = parser.parse_args(argv)
-    panels = args.panels or FIGURES[args.figure]
-    unknown = [p for p in panels if p not in PANELS]
-    if unknown:
-        print(f"kfac2l.status: unknown panel(s) {unknown}; valid: {', '.join(FIGURES[args.figure])}", file=sys.stderr)
+    try:
+        panels = figure_panels(args.figure, args.panels)
+    except ValueError as err:
+        print(f"kfac2l.status: {err}", file=sys.stderr)
         return 2
-    seeds = args.seeds or ([1, 2, 3] if args.profile == "paper" else [1])
+    seeds = args.seeds or default_seeds(args.profile)
     try:
         table = status_table(args.figure, panels, args.profile, args.grid or args.profile, seeds, Path(args.results))
     except (ValueError, KeyError) as err:

@@ -108,6 +108,19 @@ FIGURES: dict[int, list[str]] = {
 }
 
 
+def figure_panels(figure: int, panels: list[str] | None) -> list[str]:
+    """The figure's panels (all of them when ``panels`` is None); ValueError naming unknown ones."""
+    unknown = [p for p in panels or [] if p not in PANELS]
+    if unknown:
+        raise ValueError(f"unknown panel(s) {unknown}; valid: {', '.join(FIGURES[figure])}")
+    return list(panels or FIGURES[figure])
+
+
+def default_seeds(profile: str) -> list[int]:
+    """Final-run seeds: 1 2 3 under the paper profile, 1 under quick."""
+    return [1, 2, 3] if profile == "paper" else [1]
+
+
 def _grid(n: int) -> tuple[int, int]:
     return (3, 3) if n == 9 else (1, n)
 
