@@ -289,3 +289,29 @@ def test_convention_authors_sets_each_ingredient(tmp_path):
     assert opts("kfac", "+optimizer.options.freeze_factors=false")["freeze_factors"] is False  # the run's own wins
     paper = optimizer_options(_cfg(["optimizer=kfac"]))[1]
     assert "freeze_factors" not in paper and "damping_mode" not in paper
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR2, signal.SIGTERM])
+def test_submitit_local_sweep_survives_a_signal(data_root, tmp_path, sig):
+    """The cluster path on one machine: SIGUSR2 (time limit) checkpoints and submitit requeues the
+    job, which resumes by itself; SIGTERM checkpoints and the relaunched sweep resumes the job.
+    Either way the losses are those of the uninterrupted run."""
+    args = ["optimizer=kfac", *_small(data_root, epochs=40, batch=16), "profile.patience=1000"]
+    whole = subprocess.run(_cli(args, tmp_path / "whole"), cwd=REPO, env=ENV, capture_output=True, text=True)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    runs = tmp_path / "sweep"
+    sweep = _cli(["-m", "launcher=submitit_local", *args], runs)
+    proc = subprocess.Popen(sweep, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert _wait_for(lambda: _epochs_written(runs) >= 3 or proc.poll() is not None), "no epoch 3"
+    run_dir = _run_dir(runs)
+    pid = json.loads((run_dir / "summary.json").read_text())["pid"]
+    os.kill(pid, sig)
+    proc.communicate(timeout=300)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    if summary["status"] != "completed":  # SIGTERM: the job ended interrupted; relaunch the sweep
+        assert summary["status"] == "interrupted" and (run_dir / CHECKPOINT).exists()
+        again = subprocess.run(sweep, cwd=REPO, env=ENV, capture_output=True, text=True)
+        assert again.returncode == 0, again.stderr[-2000:]
+        summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["resumes"] == 1, summary
+    assert _losses(run_dir) == _losses(_run_dir(tmp_path / "whole"))
