@@ -92,3 +92,24 @@ def test_reproduce_stops_early_when_data_is_missing(tmp_path, capsys):
     assert code == 3
     assert "cifar-10" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()  # nothing trained
+
+
+def test_report_renders_median_and_range_and_keeps_readme_in_sync(results, tmp_path):
+    from kfac2l.report import update
+
+    text = "before\n<!-- table:final:quick:deep_linear_a -->\nstale\n<!-- /table -->\nafter\n"
+    new = update(text, results)
+    assert new.startswith("before\n") and new.endswith("<!-- /table -->\nafter\n") and "stale" not in new
+    row = next(line for line in new.splitlines() if line.startswith("| KFAC"))
+    assert "0.6 [0.5, 0.7]" in row  # median [min, max] over the two seeds
+    residu = next(line for line in new.splitlines() if line.startswith("| RESIDU"))
+    # distance ratio: median over the seeds of (0.5, 0.7); gap negative at every iteration
+    assert residu.split("|")[-3].strip() == "0.6" and residu.split("|")[-2].strip() == "100 %"
+    assert update(new, results) == new
+
+
+def test_readme_tables_agree_with_committed_results():
+    from kfac2l.report import main
+
+    repo = Path(__file__).resolve().parents[1]
+    assert main(["--readme", str(repo / "README.md"), "--results", str(repo / "results"), "--check"]) == 0

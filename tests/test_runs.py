@@ -315,3 +315,23 @@ def test_submitit_local_sweep_survives_a_signal(data_root, tmp_path, sig):
         summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["resumes"] == 1, summary
     assert _losses(run_dir) == _losses(_run_dir(tmp_path / "whole"))
+
+
+def test_failed_checkpoint_write_names_the_path_and_keeps_the_previous(tmp_path, monkeypatch):
+    import errno
+
+    import torch
+
+    from kfac2l.runs.checkpoint import load_checkpoint, save_checkpoint
+
+    save_checkpoint(tmp_path, {"identity_id": "a", "x": torch.ones(2)})
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(OSError, match=f"could not write {tmp_path / CHECKPOINT}"):
+        save_checkpoint(tmp_path, {"identity_id": "b", "x": torch.zeros(2)})
+    monkeypatch.undo()
+    assert load_checkpoint(tmp_path)["identity_id"] == "a"
+    assert [p.name for p in tmp_path.iterdir()] == [CHECKPOINT]  # no temporary file left behind

@@ -2,7 +2,7 @@
 explicitly requested synthetic CURVES stand-in.
 
 ``load_dataset(name, root, ...)`` returns a ``DataSplits`` of in-memory tensors (inputs scaled to
-[0, 1], no normalisation, no augmentation, as in protocol.md) plus where the data came from.
+[0, 1], no normalisation, no augmentation, as in docs/protocol.md) plus where the data came from.
 When a file is missing and cannot be downloaded, ``DataMissingError`` names the file, where to put
 it and the URL, before any training starts.
 """

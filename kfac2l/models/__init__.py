@@ -38,7 +38,7 @@ MODELS: dict[str, ModelSpec] = {
 
 
 def init_weights(model: nn.Module, bias: float = 0.01, generator: torch.Generator | None = None) -> None:
-    """Xavier-uniform weights and constant biases for every Linear/Conv2d layer (protocol.md),
+    """Xavier-uniform weights and constant biases for every Linear/Conv2d layer (docs/protocol.md),
     drawn in sequence from one generator, so same-shaped layers do *not* start identical."""
     for m in model.modules():
         if isinstance(m, (nn.Linear, nn.Conv2d)):
@@ -50,7 +50,7 @@ def init_weights(model: nn.Module, bias: float = 0.01, generator: torch.Generato
 def init_identical(model: nn.Module, seed: int, bias: float = 0.01) -> None:
     """Xavier-uniform weights, each layer drawn from a generator reseeded with ``seed``: layers of
     the same shape start identical (62 of the 64 layers of deep linear A are then one matrix).
-    This is what the authors' public code did (protocol defect 9): an ablation, never a default."""
+    This is what the authors' public code did (docs/protocol.md): an ablation, never a default."""
     for m in model.modules():
         if isinstance(m, (nn.Linear, nn.Conv2d)):
             nn.init.xavier_uniform_(m.weight, generator=torch.Generator().manual_seed(seed))

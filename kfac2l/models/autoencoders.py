@@ -1,6 +1,6 @@
 """The deep auto-encoders of the paper (section 4.1): CURVES, MNIST and FACES.
 
-Encoder widths as in protocol.md, decoder mirrored, ReLU after every layer including the code
+Encoder widths as in docs/protocol.md, decoder mirrored, ReLU after every layer including the code
 layer; the output layer is linear and returns *logits* for the Bernoulli (sigmoid) outputs of
 CURVES and MNIST (the sigmoid lives in the loss, ``binary_cross_entropy_with_logits``) and the
 mean of the Gaussian output of FACES.

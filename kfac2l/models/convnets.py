@@ -7,7 +7,7 @@ from torch import nn
 
 
 def cuda_convnet(num_classes: int = 10, in_channels: int = 3) -> nn.Sequential:
-    """The authors' Cuda-convnet (protocol.md), smaller than Grosse & Martens (2016)'s original:
+    """The authors' Cuda-convnet (docs/protocol.md), smaller than Grosse & Martens (2016)'s original:
     conv3x3(3->32), ReLU, maxpool3, BN; conv3x3(32->32), ReLU, maxpool3, BN; conv2x2(32->64),
     ReLU; linear(64->10); no padding, so 32 -> 30 -> 10 -> 8 -> 2 -> 1."""
     return nn.Sequential(

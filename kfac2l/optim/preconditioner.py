@@ -265,7 +265,7 @@ class KFAC(CurvaturePreconditioner):
         ema_count: what k counts: 'refreshes' (default; the running average of the factor
             estimates) or 'iterations' (the step counter at the refresh, as the authors' code).
         freeze_factors: keep the factors of the first Fisher batch forever (the authors' KFAC
-            baseline in effect, protocol defect 8; an ablation, never a default).
+            baseline in effect, docs/protocol.md; an ablation, never a default).
         cov_interval: T_cov, refresh the factors every this many steps (1 in the library,
             100 in the paper's runs).
         inv_interval: T_inv, recompute the damped inverses every this many steps.

@@ -2,7 +2,7 @@
 
 When the optimiser needs curvature this step, the Fisher statistics come from a second
 forward/backward on ``fisher_fraction * B`` samples drawn with replacement from the mini-batch,
-with targets sampled from the model (protocol.md); it leaves the BatchNorm running statistics
+with targets sampled from the model (docs/protocol.md); it leaves the BatchNorm running statistics
 untouched. Nothing here synchronises with the device.
 """
 
@@ -21,7 +21,7 @@ from kfac2l.optim.registry import Optimizer
 
 @dataclass(frozen=True)
 class Task:
-    """How a problem's loss and Fisher likelihood are defined (paper section 4, protocol.md)."""
+    """How a problem's loss and Fisher likelihood are defined (paper section 4, docs/protocol.md)."""
 
     name: str
     likelihood: str

@@ -62,7 +62,7 @@ PANELS: dict[str, Panel] = {p.name: p for p in [
     Panel("deep_linear_b", "deep_linear_b", "Deep linear B / MNIST"),
 ]}
 
-# The authors' selected settings on deep linear A (protocol.md, "Conventions of the public code"):
+# The authors' selected settings on deep linear A (docs/protocol.md, "The authors' public code"):
 # their two-level files without the undisclosed coefficient c use lr 1e-2, damping 1e-2.
 AUTHORS_SETTINGS = {"sgd": (1e-3, None), "adam": (1e-3, None), **{o: (1e-2, 1e-2) for o in ("kfac", *TWO_LEVEL)}}
 

@@ -1,0 +1,140 @@
+"""README tables generated from committed result files (never typed by hand).
+
+    python -m kfac2l.report            # rewrite the tables between the markers in README.md
+    python -m kfac2l.report --check    # exit 1 if README.md disagrees with the result files
+
+A table lives between ``<!-- table:NAME -->`` and ``<!-- /table -->``; NAME is
+``final:<profile>:<panel>`` (best training loss per optimiser over seeds, with the selected
+settings and, where recorded, the distance ratio of Figure 6 and the sign of the gap (4.6)) or
+``ablation:<profile>`` (Figure 7's arms). Everything is read through ``kfac2l.runs``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from kfac2l.io import atomic_write_text
+from kfac2l.names import LABELS, ORDER
+from kfac2l.plots.figures import ABLATION
+from kfac2l.plots.results import selection_budget
+from kfac2l.runs import iter_runs
+
+MARKER = re.compile(r"(<!-- table:(?P<name>[^ ]+) -->\n)(?P<body>.*?)(<!-- /table -->)", re.S)
+
+
+def _g(x) -> str:
+    return "-" if x is None or pd.isna(x) else f"{x:.3g}"
+
+
+def _loss_cell(values: pd.Series) -> str:
+    values = values.dropna()
+    if values.empty:
+        return "-"
+    if len(values) == 1:
+        return _g(values.iloc[0])
+    return f"{_g(values.median())} [{_g(values.min())}, {_g(values.max())}]"
+
+
+def _runs(root: Path) -> pd.DataFrame:
+    rows = []
+    for record in iter_runs(root):
+        s = record.summary
+        row = {"optimizer": s.get("optimizer"), "seed": s.get("seed"), "status": s.get("status"),
+               "best": s.get("best_train_loss"), "epochs": s.get("epochs_run"), "lr": s.get("lr"),
+               "damping": s.get("damping"), "commit": s.get("git_commit")}
+        diag = record.read_csv("diagnostics.csv")
+        if diag is not None and {"dist_two_level", "dist_kfac"} <= set(diag):
+            row["ratio"] = (diag["dist_two_level"] / diag["dist_kfac"]).median()
+        if diag is not None and "gap" in diag:
+            row["gap_negative"] = (diag["gap"] < 0).mean()
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def final_table(results: Path, profile: str, panel: str) -> str:
+    """Markdown: per optimiser, selected lr/damping, best training loss median [min, max] over seeds."""
+    runs = _runs(results / "final" / profile / panel)
+    if runs.empty:
+        return "_no results_\n"
+    lines = []
+    for opt in [o for o in ORDER if o in set(runs["optimizer"])]:
+        sub = runs[runs["optimizer"] == opt]
+        first = sub.iloc[0]
+        diverged = int((sub["status"] == "diverged").sum())
+        lines.append({
+            "optimizer": LABELS[opt], "lr": _g(first["lr"]), "damping": _g(first["damping"]),
+            "best training loss, median [min, max]": _loss_cell(sub["best"]), "seeds": len(sub),
+            "epochs run (median)": _g(sub["epochs"].median()), "diverged": diverged,
+            "distance ratio (Fig. 6)": _g(sub["ratio"].dropna().median()) if "ratio" in sub else "-",
+            "gap (4.6) < 0": (f"{100 * sub['gap_negative'].dropna().median():.0f} %"
+                              if "gap_negative" in sub and sub["gap_negative"].notna().any() else "-"),
+            "_sort": sub["best"].median(),
+        })
+    frame = pd.DataFrame(lines).sort_values("_sort").drop(columns="_sort")
+    budget = selection_budget(results, profile, panel)
+    commits = sorted({str(c)[:7] + ("+dirty" if "dirty" in str(c) else "") for c in runs["commit"].dropna()})
+    note = (f"\n{profile} profile; lr/damping selected on {budget or 'the profile grid'}; final runs with seeds "
+            f"{', '.join(map(str, sorted(runs['seed'].unique())))}; commit(s) {', '.join(commits) or '-'}.\n")
+    return frame.to_markdown(index=False) + "\n" + note
+
+
+def ablation_table(results: Path, profile: str) -> str:
+    """Markdown: best training loss median [min, max] per optimiser (rows) and arm (columns)."""
+    cells: dict[str, dict[str, str]] = {}
+    seeds: dict[str, set] = {}
+    for arm in ABLATION:
+        runs = _runs(results / "final" / profile / arm.panel)
+        for opt, sub in (runs.groupby("optimizer") if not runs.empty else []):
+            cells.setdefault(opt, {})[arm.label] = f"{_loss_cell(sub['best'])} (n={len(sub)})"
+            seeds.setdefault(arm.label, set()).update(sub["seed"])
+    if not cells:
+        return "_no results_\n"
+    frame = pd.DataFrame([{"optimizer": LABELS[o], **{a.label: cells[o].get(a.label, "-") for a in ABLATION}}
+                          for o in ORDER if o in cells])
+    return frame.to_markdown(index=False) + "\n"
+
+
+def render(name: str, results: Path) -> str:
+    kind, _, rest = name.partition(":")
+    if kind == "final":
+        profile, _, panel = rest.partition(":")
+        return final_table(results, profile, panel)
+    if kind == "ablation":
+        return ablation_table(results, rest)
+    raise ValueError(f"unknown table {name!r}; valid: final:<profile>:<panel>, ablation:<profile>")
+
+
+def update(text: str, results: Path) -> str:
+    """``text`` with every marked table regenerated from ``results``."""
+    return MARKER.sub(lambda m: m.group(1) + render(m.group("name"), results) + m.group(4), text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--readme", default="README.md")
+    parser.add_argument("--results", default="results")
+    parser.add_argument("--check", action="store_true", help="only compare; exit 1 on a difference")
+    args = parser.parse_args(argv)
+    path = Path(args.readme)
+    text = path.read_text()
+    new = update(text, Path(args.results))
+    if args.check:
+        if new != text:
+            print(f"kfac2l.report: the tables in {path} disagree with {args.results}; run `make readme`",
+                  file=sys.stderr)
+            return 1
+        print(f"{path}: {len(MARKER.findall(text))} tables agree with {args.results}")
+        return 0
+    if new != text:
+        atomic_write_text(path, new)
+    print(f"{path}: {len(MARKER.findall(text))} tables written from {args.results}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
