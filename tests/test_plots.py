@@ -75,13 +75,15 @@ def test_notebook_runs_on_committed_results():
     from nbclient import NotebookClient
 
     repo = Path(__file__).resolve().parents[1]
-    if not (repo / "results" / "figures" / "quick" / "figure4.csv").exists():
-        pytest.fail("the committed quick-profile results (results/figures/quick) are missing")
+    if not (repo / "results" / "final" / "quick" / "deep_linear_a").exists():
+        pytest.fail("the committed quick-profile results (results/final/quick) are missing")
     nb = nbformat.read(repo / "notebooks" / "explore_results.ipynb", as_version=4)
     client = NotebookClient(nb, timeout=120, kernel_name="python3",
                             resources={"metadata": {"path": str(repo / "notebooks")}})
     client.execute()
-    assert any(o.get("output_type") == "execute_result" for c in nb.cells for o in c.get("outputs", []))
+    outputs = [o for c in nb.cells for o in c.get("outputs", [])]
+    assert any(o.get("output_type") == "execute_result" for o in outputs)
+    assert any("image/png" in o.get("data", {}) for o in outputs)  # Figure 4a drawn inline
 
 
 def test_reproduce_stops_early_when_data_is_missing(tmp_path, capsys):
