@@ -46,14 +46,27 @@ def pi_factor(A: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
     return ratio.clamp(eps, 1.0 / eps).sqrt()
 
 
-def _scaled_eigh(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _scaled_eigh(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Batched eigh of symmetric matrices scaled to max |entry| = 1 first: the factors of layers
-    behind many BatchNorm layers can be denormal, where LAPACK's eigh fails to converge."""
+    behind many BatchNorm layers can be denormal, where LAPACK's eigh fails to converge.
+
+    LAPACK can also fail on large factors of low rank (many repeated zero eigenvalues, e.g. a
+    ResNet layer's A from a few samples); the decomposition is then retried once on the matrix
+    plus a distinct tiny diagonal (1e3 eps .. 2e3 eps of the scaled matrix, far below any damping),
+    which separates the repeated eigenvalues. Returns (eigenvalues, eigenvectors, retries); a
+    second failure raises ``torch.linalg.LinAlgError`` (the caller keeps its previous inverses)."""
     scale = m.abs().amax(dim=(-2, -1), keepdim=True)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     m = m / scale
-    evals, evecs = torch.linalg.eigh(m)
-    return evals * scale.squeeze(-1), evecs
+    try:
+        evals, evecs = torch.linalg.eigh(m)
+        retries = 0
+    except torch.linalg.LinAlgError:
+        n = m.shape[-1]
+        jitter = torch.linspace(1.0, 2.0, n, dtype=m.dtype, device=m.device) * (1e3 * torch.finfo(m.dtype).eps)
+        evals, evecs = torch.linalg.eigh(m + torch.diag_embed(jitter.expand(m.shape[:-1])))
+        retries = 1
+    return evals * scale.squeeze(-1), evecs, retries
 
 
 class DampedKronecker:
@@ -67,8 +80,9 @@ class DampedKronecker:
             raise ValueError(f"damping_mode={mode!r} is not valid; choose one of {DAMPING_MODES}")
         self.mode = mode
         self.damping = damping
-        eA, self.QA = _scaled_eigh(A)
-        eG, self.QG = _scaled_eigh(G)
+        eA, self.QA, retries_a = _scaled_eigh(A)
+        eG, self.QG, retries_g = _scaled_eigh(G)
+        self.eigh_retries = retries_a + retries_g
         self.eA, self.eG = eA.clamp_min(0), eG.clamp_min(0)
         if mode == "exact":
             self.denominator = self.eG.unsqueeze(-1) * self.eA.unsqueeze(-2) + damping  # (L, O, I)

@@ -131,19 +131,36 @@ class ForwardCapture:
         self.armed = armed if armed is not None else (lambda: True)
         self.inputs: list[torch.Tensor | None] = [None] * len(modules)
         self.outputs: list[torch.Tensor | None] = [None] * len(modules)
+        self._versions: list[int | None] = [None] * len(modules)
         self._handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(modules)]
 
     def _hook(self, index: int):
         def hook(module, inputs, output):
             if torch.is_grad_enabled() and output.requires_grad and self.armed():
                 self.inputs[index] = inputs[0].detach()
+                self._versions[index] = inputs[0]._version
                 self.outputs[index] = output
+                # The network continues with a copy: an in-place operation after the layer
+                # (ReLU(inplace=True), a residual `out += x`) modifies the copy, so the captured
+                # pre-activation s_i, and the gradient taken with respect to it, stay those of the
+                # layer. Only on captured (Fisher) passes; the training pass is untouched.
+                return output.clone()
+            return None
 
         return hook
+
+    def check_inputs(self, names: list[str]) -> None:
+        """RuntimeError if a captured layer input was modified in place after the layer ran (its
+        abar would then not be the input the layer saw)."""
+        changed = [n for n, x, v in zip(names, self.inputs, self._versions) if x is not None and x._version != v]
+        if changed:
+            raise RuntimeError(f"the input of layer(s) {changed} was modified in place after the layer used it; "
+                               "KFAC needs the layer's own input (avoid in-place operations on layer inputs)")
 
     def clear(self) -> None:
         self.inputs = [None] * len(self.modules)
         self.outputs = [None] * len(self.modules)
+        self._versions = [None] * len(self.modules)
 
     def remove(self) -> None:
         for h in self._handles:

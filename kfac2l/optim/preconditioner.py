@@ -146,6 +146,7 @@ class CurvaturePreconditioner:
                 f"no forward pass with gradients enabled was captured for layer(s) {missing}{again}; "
                 "call update_curvature on the output of model(x) computed under torch.enable_grad()"
             )
+        self.capture.check_inputs([name for name, _ in self.layers])
         if targets is None:
             targets = sample_targets(output, likelihood, generator)
         nll = summed_nll(output, targets, likelihood)
@@ -299,6 +300,8 @@ class KFAC(CurvaturePreconditioner):
         self.kron: list[DampedKronecker] | None = None
         self._group_key = None
         self._kron_damping = None
+        self.eigh_retries = 0   # eigendecompositions that converged only with a diagonal jitter
+        self.eigh_failures = 0  # group inverses kept from the previous refresh after a failed eigh
 
     def _factors_due(self) -> bool:
         if self.factors is None:
@@ -338,8 +341,24 @@ class KFAC(CurvaturePreconditioner):
     def _inverses(self) -> list[DampedKronecker]:
         due = self.steps % self.inv_interval == 0 or self.kron is None or self._kron_damping != self.damping
         if due:
-            self.kron = [DampedKronecker(f.A, f.G, self.damping, self.damping_mode, f.locations) for f in self.factors]
+            previous = self.kron if self.kron is not None and len(self.kron) == len(self.factors) else None
+            kron, retries, kept = [], 0, 0
+            for i, f in enumerate(self.factors):
+                try:
+                    k = DampedKronecker(f.A, f.G, self.damping, self.damping_mode, f.locations)
+                    retries += k.eigh_retries
+                except torch.linalg.LinAlgError:
+                    if previous is None:  # nothing to fall back on: a numerical failure of the run
+                        raise
+                    k, kept = previous[i], kept + 1  # keep this group's previous inverses
+                kron.append(k)
+            self.kron = kron
             self._kron_damping = self.damping
+            self.eigh_retries += retries
+            self.eigh_failures += kept
+        if self.track_diagnostics:
+            self._diag["eigh_retries"] = torch.tensor(float(self.eigh_retries))
+            self._diag["eigh_failures"] = torch.tensor(float(self.eigh_failures))
         return self.kron
 
     def _direction(self, grads):
@@ -355,6 +374,7 @@ class KFAC(CurvaturePreconditioner):
         state["factors"] = None if self.factors is None else [f.state_dict() for f in self.factors]
         state["kron"] = None if self.kron is None else [k.state_dict() for k in self.kron]
         state["kron_damping"] = self._kron_damping
+        state["eigh"] = [self.eigh_retries, self.eigh_failures]
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -366,6 +386,7 @@ class KFAC(CurvaturePreconditioner):
                 f.load_state_dict(fs)
         self.kron = None if state["kron"] is None else [DampedKronecker.from_state_dict(k) for k in state["kron"]]
         self._kron_damping = state["kron_damping"]
+        self.eigh_retries, self.eigh_failures = state.get("eigh", [0, 0])
         indices = self.group_indices
         self._group_key = None if indices is None else tuple(tuple(i) for i in indices)
 
