@@ -21,14 +21,14 @@ import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import matplotlib.ticker
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-from scipy.ndimage import gaussian_filter1d  # noqa: E402
+import pandas as pd
+from scipy.ndimage import gaussian_filter1d
 
-from kfac2l.io import atomic_write_csv  # noqa: E402
-from kfac2l.names import COLORS, LABELS, LINESTYLES, MARKERS, ORDER, PAPER_OPTIMIZERS, TWO_LEVEL  # noqa: E402
-from kfac2l.plots.results import load_curves, load_diagnostics, selection_budget, summary_table  # noqa: E402
+from kfac2l.io import atomic_write_csv
+from kfac2l.names import COLORS, LABELS, LINESTYLES, MARKERS, ORDER, PAPER_OPTIMIZERS, TWO_LEVEL
+from kfac2l.plots.results import load_curves, load_diagnostics, selection_budget, summary_table
 
 
 @dataclass(frozen=True)
