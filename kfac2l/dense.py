@@ -244,17 +244,28 @@ def tiny_cnn(seed: int = 0) -> nn.Module:
     ).double()
 
 
+def tiny_seq(seed: int = 0) -> nn.Module:
+    """Linear layers on (batch, 3 positions, features) inputs, as in sequence models: each
+    position is a location sharing the weight (the "expand" setting of Eschenhagen et al. 2023)."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3, bias=False), nn.Tanh(), nn.Flatten(), nn.Linear(9, 3)
+    ).double()
+
+
+TINY = {"mlp": (tiny_mlp, (5,)), "cnn": (tiny_cnn, (2, 5, 5)), "seq": (tiny_seq, (3, 5))}
+
+
 def tiny_inputs(kind: str, batch: int, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    shape = (batch, 5) if kind == "mlp" else (batch, 2, 5, 5)
-    return torch.randn(shape, generator=g, dtype=torch.float64)
+    return torch.randn((batch, *TINY[kind][1]), generator=g, dtype=torch.float64)
 
 
 class Problem:
     """A tiny network, a Fisher batch with fixed sampled targets and a training gradient."""
 
     def __init__(self, kind: str = "mlp", batch: int = 6, likelihood: str = "categorical", seed: int = 0):
-        self.model = tiny_mlp(seed) if kind == "mlp" else tiny_cnn(seed)
+        self.model = TINY[kind][0](seed)
         self.x = tiny_inputs(kind, batch, seed + 1)
         self.likelihood = likelihood
         gen = torch.Generator().manual_seed(seed + 2)

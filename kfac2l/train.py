@@ -29,6 +29,7 @@ import signal
 import socket
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,6 +43,7 @@ from kfac2l.data.core import as_float
 from kfac2l.io import atomic_write_text, git_commit
 from kfac2l.models import INITS, MODELS, build_model
 from kfac2l.optim import REGISTRY, TWO_LEVEL, make_optimizer
+from kfac2l.optim.preconditioner import UnpreconditionedWarning
 from kfac2l.optim.step import get_task, training_step
 from kfac2l.runs import identity_diff, identity_id, read_summary, write_diagnostics, write_metrics, write_summary
 from kfac2l.runs.checkpoint import CheckpointError, load_checkpoint, remove_checkpoint, save_checkpoint
@@ -400,7 +402,10 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
     task, data, model, lr, opts = prepare(cfg)
     device = _device(cfg.device)
     model.to(device)
-    optimizer = make_optimizer(cfg.optimizer.name, model, lr=lr, **opts)
+    with warnings.catch_warnings():  # recorded in the summary instead
+        warnings.simplefilter("ignore", UnpreconditionedWarning)
+        optimizer = make_optimizer(cfg.optimizer.name, model, lr=lr, **opts)
+    skipped = optimizer.preconditioner.skipped_modules if optimizer.preconditioner is not None else []
     data_gen = torch.Generator().manual_seed(cfg.seed)
     fisher_gen = torch.Generator(device=device)
     progress = Progress()
@@ -412,7 +417,7 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
         "data_source": data.source, "dataset": data.name, "train_samples": int(data.x_train.shape[0]),
         "device": str(device), "torch_threads": torch.get_num_threads(), "git_commit": git_commit(),
         "max_epochs": max_epochs(cfg), "identity": identity, "identity_id": ident,
-        "resumed_from_epoch": None, "resumes": 0, "pid": os.getpid(), "host": socket.gethostname(),
+        "resumed_from_epoch": None, "resumes": 0, "plain_gradient_modules": len(skipped), "pid": os.getpid(), "host": socket.gethostname(),
     }
     if resumed is not None:
         model.load_state_dict(resumed["model"])

@@ -98,7 +98,7 @@ def test_conv_same_padding_reproduces_convolution():
     assert rel(layer_inputs(layer, x) @ w.T, layer_output_grads(layer, layer(x))) < 1e-13
 
 
-@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "seq"])
 def test_kronecker_factors_match_explicit_sums(kind):
     p = Problem(kind)
     data = dense.layer_data(p.model, p.x, p.targets, p.likelihood)
@@ -148,7 +148,7 @@ def test_moving_average_weights():
     assert torch.allclose(state.A, torch.full((1, 2, 2), 1.5 * 2 / 3 + 3 / 3))
 
 
-@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "seq"])
 @pytest.mark.parametrize("mode", ["pi", "factor", "exact"])
 def test_kfac_step_matches_dense(kind, mode):
     p = Problem(kind)
@@ -166,7 +166,7 @@ def _dense_fisher_and_groups(kind):
     return fisher, groups, dense.layer_slices(p.model)
 
 
-@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "seq"])
 def test_fisher_vector_product_matches_dense(kind):
     fisher, groups, slices = _dense_fisher_and_groups(kind)
     u = torch.randn(3, fisher.shape[0], dtype=torch.float64)
@@ -175,7 +175,7 @@ def test_fisher_vector_product_matches_dense(kind):
     assert rel(flat, u @ fisher.T) < 1e-12
 
 
-@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "seq"])
 def test_coarse_operator_matches_dense(kind):
     """F_coarse = R0 F_bullet R0^T including the lambda V_i^T V_j terms (A15-A16)."""
     fisher, groups, slices = _dense_fisher_and_groups(kind)
@@ -185,7 +185,7 @@ def test_coarse_operator_matches_dense(kind):
     assert rel(coarse_operator(groups, basis, LAM), r0t.T @ fisher @ r0t) < 1e-12
 
 
-@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "seq"])
 def test_rank_one_basis_matches_its_dense_matrices(kind):
     """Factored columns u w^T give the same R0 F_bullet R0^T, block Gram, R0 u and R0^T beta."""
     fisher, groups, slices = _dense_fisher_and_groups(kind)
@@ -204,7 +204,7 @@ def test_rank_one_basis_matches_its_dense_matrices(kind):
     assert rel(back[0], r0t @ beta) < 1e-12
 
 
-@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "seq"])
 @pytest.mark.parametrize("space", SPACES)
 @pytest.mark.parametrize("correction", ["multiplicative", "additive"])
 def test_two_level_step_matches_dense(kind, space, correction):
@@ -251,7 +251,7 @@ def test_spectral_vector_is_smallest_eigenvector_in_vec_order():
             assert rel(block @ v, smallest * v) < 1e-10
 
 
-@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "seq"])
 def test_full_coarse_space_gives_exact_natural_gradient(kind):
     p = Problem(kind)
     grad, fisher, _, _ = p.dense(LAM)
@@ -259,7 +259,7 @@ def test_full_coarse_space_gives_exact_natural_gradient(kind):
     assert rel(step, torch.linalg.solve(fisher, grad)) < 1e-9
 
 
-@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "seq"])
 @pytest.mark.parametrize("batch", [1, 3, 8])
 def test_exact_natural_gradient_matches_dense(kind, batch):
     p = Problem(kind, batch=batch)
@@ -426,6 +426,6 @@ def test_verify_self_check_passes_and_fails_on_a_tight_tolerance(capsys):
     assert main(["--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["passed"] and len(report["checks"]) >= 40
-    assert {r["network"] for r in report["checks"]} == {"mlp", "cnn"}
+    assert {r["network"] for r in report["checks"]} == {"mlp", "cnn", "seq"}
     assert main(["--tol", "1e-30"]) == 1
     assert "FAIL" in capsys.readouterr().out

@@ -141,3 +141,41 @@ def test_eigh_failure_is_retried_with_jitter_then_previous_inverses_are_kept(mon
     assert pre.diagnostics["eigh_failures"] == len(kept)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
     assert len(clean) == len(kept)
+
+
+def test_exclusion_and_modules_that_keep_their_plain_gradient():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3, groups=2), nn.Flatten(),
+                          nn.Linear(4, 3), nn.LayerNorm(3), nn.Linear(3, 2))
+    from kfac2l.optim.preconditioner import UnpreconditionedWarning
+
+    with pytest.warns(UnpreconditionedWarning, match="3 module"):
+        pre = KFAC(model, damping=0.1)
+    assert pre.skipped_modules == [("1", "BatchNorm2d"), ("2", "Conv2d"), ("5", "LayerNorm")]  # grouped conv too
+    with pytest.warns(UnpreconditionedWarning, match="5 module"):
+        excluded = KFAC(model, damping=0.1, exclude=["6", nn.Conv2d])
+    assert [name for name, _ in excluded.layers] == ["4"]
+    x = torch.randn(5, 2, 5, 5)
+    excluded.update_curvature(model(x))
+    model.zero_grad()
+    model(x).sum().backward()
+    plain = {n: p.grad.clone() for n, p in model.named_parameters()}
+    excluded.step()
+    for name, p in model.named_parameters():
+        same = torch.equal(p.grad, plain[name])
+        assert same == (not name.startswith("4.")), name  # only layer 4 is preconditioned
+    with pytest.raises(ValueError, match="outside exclude"):
+        KFAC(model, damping=0.1, exclude=["*"], warn_skipped=False)
+
+
+def test_worked_example_trains_a_resnet_and_a_sequence_model():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "other_models.py"
+    spec = importlib.util.spec_from_file_location("other_models", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    results = example.main(["--steps", "6", "--batch", "8"])
+    for name, (first, last) in results.items():
+        assert last < first, name

@@ -36,9 +36,32 @@ def is_supported(module: nn.Module) -> bool:
     return False
 
 
-def preconditioned_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The (name, module) pairs of ``model`` that are preconditioned, in forward order of definition."""
-    return [(name, m) for name, m in model.named_modules() if is_supported(m)]
+def _excluded(name: str, module: nn.Module, exclude) -> bool:
+    """``exclude`` holds module names (fnmatch patterns, e.g. ``"head"`` or ``"encoder.*"``) and
+    module types (e.g. ``nn.Conv2d``)."""
+    import fnmatch
+
+    for rule in exclude:
+        if isinstance(rule, type) and isinstance(module, rule):
+            return True
+        if isinstance(rule, str) and fnmatch.fnmatchcase(name, rule):
+            return True
+    return False
+
+
+def preconditioned_layers(model: nn.Module, exclude=()) -> list[tuple[str, nn.Module]]:
+    """The (name, module) pairs of ``model`` that are preconditioned, in forward order of definition:
+    supported layers (``is_supported``) not matched by ``exclude``."""
+    return [(name, m) for name, m in model.named_modules() if is_supported(m) and not _excluded(name, m, exclude)]
+
+
+def skipped_modules(model: nn.Module, exclude=()) -> list[tuple[str, str]]:
+    """(name, type) of every module with parameters of its own that is *not* preconditioned
+    (BatchNorm, LayerNorm, embeddings, grouped convolutions, excluded layers, ...): these keep
+    their plain gradient."""
+    kept = {id(m) for _, m in preconditioned_layers(model, exclude)}
+    return [(name, type(m).__name__) for name, m in model.named_modules()
+            if id(m) not in kept and any(True for _ in m.parameters(recurse=False))]
 
 
 def matrix_shape(module: nn.Module) -> tuple[int, int]:

@@ -13,6 +13,9 @@ Other parameters (BatchNorm, ...) keep their plain gradient.
 
 from __future__ import annotations
 
+import warnings
+from collections import Counter
+
 import torch
 from torch import nn
 
@@ -46,11 +49,16 @@ from kfac2l.curvature.layers import (
     ForwardCapture,
     grad_matrix,
     preconditioned_layers,
+    skipped_modules,
     write_grad_matrix,
 )
 from kfac2l.curvature.likelihood import LIKELIHOODS, sample_targets, summed_nll
 
 KL_CLIP_FORMS = ("unscaled", "lr_squared")
+
+
+class UnpreconditionedWarning(UserWarning):
+    """Modules with parameters that keep their plain gradient (not Linear/Conv2d, or excluded)."""
 EMA_COUNTS = ("refreshes", "iterations")
 
 
@@ -74,6 +82,10 @@ class CurvaturePreconditioner:
         diagnostics: record the last step's diagnostics (see ``diagnostics``).
         exact_reference: with diagnostics, also compute the exact natural gradient on the Fisher
             batch and the true F_bullet-distances to it.
+        exclude: layers left out (module names as fnmatch patterns, or module types); they keep
+            their plain gradient, like every module that is not Linear/Conv2d.
+        warn_skipped: warn once (``UnpreconditionedWarning``) listing the modules with parameters
+            that keep their plain gradient (also in ``skipped_modules``).
     """
 
     needs_factors = True
@@ -87,6 +99,8 @@ class CurvaturePreconditioner:
         kl_clip_form: str = "unscaled",
         diagnostics: bool = False,
         exact_reference: bool = False,
+        exclude=(),
+        warn_skipped: bool = True,
     ):
         _check_choice("kl_clip_form", kl_clip_form, KL_CLIP_FORMS)
         if not damping > 0:
@@ -94,9 +108,17 @@ class CurvaturePreconditioner:
         if kl_clip is not None and not kl_clip > 0:
             raise ValueError(f"kl_clip={kl_clip!r} must be > 0 or None")
         self.model = model
-        self.layers = preconditioned_layers(model)
+        self.exclude = tuple(exclude)
+        self.layers = preconditioned_layers(model, self.exclude)
         if not self.layers:
-            raise ValueError("the model has no nn.Linear or nn.Conv2d layer to precondition")
+            raise ValueError("the model has no nn.Linear or nn.Conv2d layer to precondition"
+                             + (f" outside exclude={list(self.exclude)}" if self.exclude else ""))
+        self.skipped_modules = skipped_modules(model, self.exclude)
+        if self.skipped_modules and warn_skipped:
+            counts = Counter(kind for _, kind in self.skipped_modules)
+            warnings.warn(f"kfac2l: {len(self.skipped_modules)} module(s) with parameters keep their plain gradient "
+                          f"({', '.join(f'{k} x{n}' for k, n in counts.items())}); see .skipped_modules",
+                          UnpreconditionedWarning, stacklevel=3)
         self.modules = [m for _, m in self.layers]
         self.capture = ForwardCapture(self.modules, armed=self._wants_fisher_batch)
         self.damping = float(damping)
@@ -144,7 +166,9 @@ class CurvaturePreconditioner:
             again = " (this step's Fisher batch was already taken)" if self._batch_step == self.steps else ""
             raise RuntimeError(
                 f"no forward pass with gradients enabled was captured for layer(s) {missing}{again}; "
-                "call update_curvature on the output of model(x) computed under torch.enable_grad()"
+                "call update_curvature on the output of model(x) computed under torch.enable_grad(); a layer whose "
+                "weight is used functionally rather than called (e.g. nn.MultiheadAttention.out_proj) never is: "
+                "leave it out with exclude=[name]"
             )
         self.capture.check_inputs([name for name, _ in self.layers])
         if targets is None:
