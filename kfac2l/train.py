@@ -417,7 +417,8 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
         "data_source": data.source, "dataset": data.name, "train_samples": int(data.x_train.shape[0]),
         "device": str(device), "torch_threads": torch.get_num_threads(), "git_commit": git_commit(),
         "max_epochs": max_epochs(cfg), "identity": identity, "identity_id": ident,
-        "resumed_from_epoch": None, "resumes": 0, "plain_gradient_modules": len(skipped), "pid": os.getpid(), "host": socket.gethostname(),
+        "resumed_from_epoch": None, "resumes": 0, "plain_gradient_modules": len(skipped),
+        "pid": os.getpid(), "host": socket.gethostname(),
     }
     if resumed is not None:
         model.load_state_dict(resumed["model"])
