@@ -429,3 +429,27 @@ def test_verify_self_check_passes_and_fails_on_a_tight_tolerance(capsys):
     assert {r["network"] for r in report["checks"]} == {"mlp", "cnn", "seq"}
     assert main(["--tol", "1e-30"]) == 1
     assert "FAIL" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "seq"])
+@pytest.mark.parametrize("correction", ["multiplicative", "additive"])
+def test_gap_identities_with_the_f_orthogonal_projector(kind, correction):
+    """docs/gap.md: with Pi = R0^T F_c^-1 R0 F_bullet (F_bullet-orthogonal projector onto the coarse
+    space) and e = zeta - zeta_KFAC, the gap (4.6) is -||Pi e||^2 for the multiplicative correction
+    and ||Pi zeta_KFAC||^2 - ||Pi e||^2 for the additive one (F_bullet-norms)."""
+    p = Problem(kind)
+    grad, fisher, kfac, data = p.dense(LAM)
+    pre = kfac2l.TwoLevelKFAC(p.model, coarse_space="nicolaides", correction=correction, damping=LAM,
+                              diagnostics=True)
+    p.run(pre)
+    r0t = dense.explicit_coarse_basis("nicolaides", p.model, data, kfac, fisher, grad, LAM, "pi")
+    proj = r0t @ torch.linalg.solve(r0t.T @ fisher @ r0t, r0t.T @ fisher)
+    zeta, zeta_kfac = torch.linalg.solve(fisher, grad), torch.linalg.solve(kfac, grad)
+
+    def norm2(u):
+        return (u @ fisher @ u).item()
+
+    pe = norm2(proj @ (zeta - zeta_kfac))
+    expected = -pe if correction == "multiplicative" else norm2(proj @ zeta_kfac) - pe
+    assert abs(pre.diagnostics["gap"] - expected) < 1e-9 * max(abs(expected), pe)
+    assert torch.allclose(proj @ proj, proj, atol=1e-9)  # a projector
