@@ -118,6 +118,9 @@ def default_seeds(profile: str) -> list[int]:
     return [1, 2, 3] if profile == "paper" else [1]
 
 
+BN_NOTE = "; with BatchNorm, F is the pseudo-Fisher of the per-sample losses through batch statistics"
+
+
 def _grid(n: int) -> tuple[int, int]:
     return (3, 3) if n == 9 else (1, n)
 
@@ -292,7 +295,7 @@ def plot_gap_figure(figure: int, panels: list[str], root: Path, out: Path, profi
             locator.set_params(numticks=6)
             ax.yaxis.set_major_locator(locator)
         ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
-    _title(fig, f"Figure {figure}: gap of eq. (4.6) (negative = closer to the natural gradient than KFAC) - "
+    _title(fig, f"Figure {figure}: gap of eq. (4.6) (negative = closer to the natural gradient than KFAC){BN_NOTE} - "
                 f"{_provenance(frames, profile)}")
     fig.tight_layout(rect=(0, 0, 1, 0.92))
     return _save(fig, out, figure, plotted, [])
@@ -325,7 +328,7 @@ def plot_distance_figure(figure: int, panels: list[str], root: Path, out: Path, 
         top.set_yscale("log")
         bottom.set_yscale("log")
         top.legend(fontsize=7, title="solid: two-level, dashed: KFAC", title_fontsize=7)
-    _title(fig, f"Figure {figure}: true squared F-distance to the exact natural-gradient step - "
+    _title(fig, f"Figure {figure}: true squared F-distance to the exact natural-gradient step{BN_NOTE} - "
                 f"{_provenance(frames, profile)}")
     fig.tight_layout(rect=(0, 0, 1, 0.92))
     return _save(fig, out, figure, plotted, [])
