@@ -355,6 +355,14 @@ def restrict(vectors: list[Basis], u: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def restrict64(vectors: list[Basis], u: list[torch.Tensor]) -> torch.Tensor:
+    """``restrict`` with every product and sum in float64 (O(p) extra memory: one layer at a time)."""
+    def wide(vg):
+        return RankOne(vg.left.double(), vg.right.double()) if isinstance(vg, RankOne) else vg.double()
+
+    return torch.cat([restrict([wide(vg)], [ug.double()]) for vg, ug in zip(vectors, u)])
+
+
 def prolong(vectors: list[Basis], beta: torch.Tensor) -> list[torch.Tensor]:
     """R0^T beta = [V_i beta_i] as a layered vector with one column, (L, 1, O, I) per group."""
     out, offset = [], 0

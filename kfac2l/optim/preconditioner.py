@@ -38,11 +38,12 @@ from kfac2l.curvature.fisher import (
     coarse_operator,
     fisher_norm_sq,
     fisher_vector_product,
-    jt,
     layered_dot,
     per_sample_projections,
+    project,
     prolong,
     restrict,
+    restrict64,
 )
 from kfac2l.curvature.kronecker import DAMPING_MODES, DampedKronecker, FactorState, batch_factors
 from kfac2l.curvature.layers import (
@@ -541,12 +542,14 @@ class TwoLevelKFAC(KFAC):
             groups = self._fresh_groups()
             proj = per_sample_projections(groups, basis)
             op = coarse_operator(groups, basis, lam, projections=proj, gram=gram)
-            rhs = restrict(basis, grads).double()
+            rhs = restrict64(basis, grads)
             if self.correction == "multiplicative":
-                # R0 F_bullet zeta_KFAC = (1/B) P^T J^T zeta_KFAC + lambda R0 zeta_KFAC (A3, A15)
-                v = jt(groups, zeta_kfac)[0].double()
+                # R0 F_bullet zeta_KFAC = (1/B) P^T J^T zeta_KFAC + lambda R0 zeta_KFAC (A3, A15).
+                # Assembled in float64: where KFAC is accurate on the coarse space the terms cancel,
+                # and their float32 rounding would be all that is left of R0 r.
+                v = sum(project(grp, z).sum(0).double() for grp, z in zip(groups, zeta_kfac))[0]
                 batch = groups[0].batch
-                rhs = rhs - proj.double().T @ v / batch - lam * restrict(basis, zeta_kfac).double()
+                rhs = rhs - proj.double().T @ v / batch - lam * restrict64(basis, zeta_kfac)
         else:  # residual, krylov-residual, taylor: rebuilt every step from r_KFAC
             groups = self._fresh_groups()
             fz = fisher_vector_product(groups, zeta_kfac, lam)
