@@ -205,8 +205,10 @@ def two_level_step(kfac, fisher_b, grad, basis, correction: str = "multiplicativ
 
 
 def previous_coarse_operator(data, damping: float, mode: str) -> torch.Tensor:
-    """R0 Fbar_bullet R0^T of Tselepidis et al. (3.18) for Nicolaides vectors, Linear layers only:
-    explicit Kronecker cross blocks E[abar_i abar_j^T] (x) E[g_i g_j^T] contracted with ones."""
+    """R0 Fbar_bullet R0^T of Tselepidis et al. (3.18) for Nicolaides vectors: explicit Kronecker
+    cross blocks E[abar_i abar_j^T] (x) E[g_i g_j^T] contracted with ones; for convolutions abar_i
+    is the spatial mean of the patches and g_i the spatial sum of the gradients over sqrt(T_i)
+    (the convention of ``kfac2l.curvature.coarse.nicolaides_sums``)."""
     n = len(data)
     op = torch.zeros(n, n, dtype=data[0][0].dtype)
     B = data[0][0].shape[0]
@@ -215,8 +217,9 @@ def previous_coarse_operator(data, damping: float, mode: str) -> torch.Tensor:
             if i == j:
                 block = damped_block(*explicit_factors(ai, gi), damping, mode)
             else:
-                Aij = ai[:, 0].T @ aj[:, 0] / B
-                Gij = gi[:, 0].T @ gj[:, 0] / B
+                Ti, Tj = ai.shape[1], aj.shape[1]
+                Aij = ai.mean(1).T @ aj.mean(1) / B
+                Gij = gi.sum(1).T @ gj.sum(1) / (B * (Ti * Tj) ** 0.5)
                 block = torch.kron(Gij, Aij)
             op[i, j] = block.sum()
     return op

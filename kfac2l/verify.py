@@ -78,15 +78,15 @@ def checks(kind: str) -> list[tuple[str, float]]:
     p = dense.Problem(kind)
     rows.append(("exact natural gradient (Woodbury)",
                  _rel(p.run(kfac2l.ExactNGD(p.model, damping=LAM)), torch.linalg.solve(fisher, grad))))
-    if kind == "mlp":
-        p = dense.Problem(kind)
-        pre = kfac2l.TwoLevelKFAC(p.model, coarse_space="nicolaides", correction="additive",
-                                  coarse_operator="kronecker", damping=LAM)
-        step = p.run(pre)
-        r0t = dense.explicit_coarse_basis("nicolaides", p.model, data, kfac_ref, fisher, grad, LAM, "pi")
-        op = dense.previous_coarse_operator(data, LAM, "pi")
-        rows.append(("previous (Kronecker coarse operator 3.18)",
-                     _rel(step, dense.two_level_step(kfac_ref, fisher, grad, r0t, "additive", op))))
+    # PREVIOUS on every kind (convolutions: the convention of coarse.nicolaides_sums)
+    p = dense.Problem(kind)
+    pre = kfac2l.TwoLevelKFAC(p.model, coarse_space="nicolaides", correction="additive",
+                              coarse_operator="kronecker", damping=LAM)
+    step = p.run(pre)
+    r0t = dense.explicit_coarse_basis("nicolaides", p.model, data, kfac_ref, fisher, grad, LAM, "pi")
+    op = dense.previous_coarse_operator(data, LAM, "pi")
+    rows.append(("previous (Kronecker coarse operator 3.18)",
+                 _rel(step, dense.two_level_step(kfac_ref, fisher, grad, r0t, "additive", op))))
     return rows
 
 

@@ -268,8 +268,9 @@ def test_exact_natural_gradient_matches_dense(kind, batch):
     assert rel(step, torch.linalg.solve(fisher, grad)) < 1e-9
 
 
-def test_previous_matches_dense_kronecker_coarse_operator():
-    p = Problem("mlp")
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "seq"])
+def test_previous_matches_dense_kronecker_coarse_operator(kind):
+    p = Problem(kind)
     grad, fisher, kfac, data = p.dense(LAM)
     pre = kfac2l.TwoLevelKFAC(p.model, coarse_space="nicolaides", correction="additive",
                               coarse_operator="kronecker", damping=LAM)
@@ -509,3 +510,27 @@ def test_float32_two_level_equals_kfac_where_kfac_is_exact():
         pre.remove()
         steps[name] = torch.cat([model.weight.grad.flatten(), model.bias.grad])
     assert rel(steps["nico"].double(), steps["kfac"].double()) < 1e-5
+
+
+def test_previous_on_convolutions_is_consistent_with_the_kfac_diagonal():
+    """Two convolutions with different numbers of locations, one sample whose patches and output
+    gradients are constant over locations (constant input, valid 3x3 then 1x1 convolutions,
+    global average pooling): there KFAC's independence is exact, and the (i, i) entry of the
+    cross-term formula of PREVIOUS equals 1^T (A_i (x) G_i) 1 of the convolution factors."""
+    from kfac2l.curvature.coarse import nicolaides_sums
+    from kfac2l.curvature.kronecker import batch_factors
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3), torch.nn.Tanh(), torch.nn.Conv2d(3, 2, 1), torch.nn.Tanh(),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(2, 3)).double()
+    x = torch.ones(1, 2, 6, 6, dtype=torch.float64) * torch.tensor([0.3, -0.7], dtype=torch.float64).view(1, 2, 1, 1)
+    pre = kfac2l.TwoLevelKFAC(model, coarse_space="nicolaides", correction="additive", coarse_operator="kronecker",
+                              damping=LAM)
+    pre.update_curvature(model(x), targets=torch.tensor([2]))
+    convs = [g for g in pre.groups if g.locations > 1]
+    assert sorted(g.locations for g in convs) == [16, 16]  # 6x6 -> 4x4 (valid 3x3) -> 4x4 (1x1)
+    for grp in convs:
+        alpha, gamma = nicolaides_sums(grp.a, grp.g)
+        A, G = batch_factors(grp.a, grp.g)
+        kfac_diagonal = A.sum((-1, -2)) * G.sum((-1, -2))  # 1^T (A (x) G) 1 per layer
+        assert torch.allclose((alpha * gamma) ** 2, kfac_diagonal.unsqueeze(1), rtol=1e-12)

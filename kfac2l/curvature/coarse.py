@@ -162,15 +162,20 @@ def solve_coarse(operator: torch.Tensor, rhs: torch.Tensor) -> tuple[torch.Tenso
 
 
 def nicolaides_sums(a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample 1^T abar_i and 1^T g_i for the Kronecker coarse operator of PREVIOUS (3.18).
+    """Per-sample alpha_i = 1^T mean_t(abar_{i,t}) and gamma_i = 1^T sum_t(g_{i,t}) / sqrt(T_i) for
+    the Kronecker coarse operator of PREVIOUS (3.18); returns (L, B) tensors.
 
-    Convolution layers with different numbers of locations are paired through the spatial mean
-    of their input patches and the spatial sum of their output gradients: g_i abar_i^T then equals
-    T_i mean_t(g_{i,t}) mean_t(abar_{i,t})^T, the per-sample gradient DW_i whenever patches or
-    gradients are constant over locations (exact for Linear layers, T = 1).
-    Returns (L, B) tensors.
+    Our choice for convolutions (exact for Linear layers, T = 1): layers with different numbers of
+    locations T_i are paired through the spatial mean of their input patches and the spatial sum
+    of their output gradients, scaled by 1/sqrt(T_i), so that entry (i, j) of the operator is
+    E[alpha_i alpha_j] E[gamma_i gamma_j] = E[1^T abar_i abar_j^T 1] E[1^T g_i g_j^T 1] / sqrt(T_i T_j).
+    The 1/sqrt(T_i T_j) makes the cross terms consistent with the diagonal, which comes from the
+    convolution factors A_i = E[sum_t abar abar^T], G_i = E[sum_t g g^T] / T_i: for patches and
+    gradients constant over the locations of a single sample, entry (i, i) of this formula equals
+    1^T (A_i (x) G_i) 1 exactly (without the scaling it would be T_i times larger).
     """
-    return a.mean(2).sum(-1), g.sum(2).sum(-1)
+    T = a.shape[2]
+    return a.mean(2).sum(-1), g.sum(2).sum(-1) / T**0.5
 
 
 def kronecker_coarse_operator(
