@@ -21,13 +21,13 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check kfac2l tests
+	$(BIN)/ruff check kfac2l tests scripts examples
 
 verify: $(STAMP)
-	$(BIN)/python -m kfac2l.verify
+	$(BIN)/python scripts/verify.py
 
 bench: $(STAMP)
-	$(BIN)/python -m kfac2l.bench
+	$(BIN)/python scripts/bench.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
@@ -43,26 +43,26 @@ fashion-mnist:
 DEMO_RESULTS ?= results/demo
 demo: $(STAMP) fashion-mnist
 	@start=$$(date +%s); \
-	$(BIN)/python -m kfac2l.reproduce --figure 4 --panels deep_linear_a --profile quick --grid demo \
+	$(BIN)/python scripts/reproduce.py --figure 4 --panels deep_linear_a --profile quick --grid demo \
 		--seeds 1 2 3 --launcher joblib --extra-figures 5 6 --results $(DEMO_RESULTS) && \
 	echo "make demo: $$(( $$(date +%s) - start )) s in all"
 
 # Which cells of a figure's sweep are complete / diverged / interrupted / missing (exit 1 while unfinished).
 FIGURE ?= 4
 status: $(STAMP)
-	$(BIN)/python -m kfac2l.status --figure $(FIGURE) --profile $(PROFILE) $(STATUS_ARGS)
+	$(BIN)/python scripts/status.py --figure $(FIGURE) --profile $(PROFILE) $(STATUS_ARGS)
 
 # README tables from the committed result files (a test fails when they disagree).
 readme: $(STAMP)
-	$(BIN)/python -m kfac2l.report
+	$(BIN)/python scripts/report.py
 
 # The paper-profile evidence on deep linear A (hours on a laptop; resumable: rerun to continue).
 evidence: $(STAMP) fashion-mnist
-	$(BIN)/python -m kfac2l.reproduce --figure 4 --panels deep_linear_a --profile paper --grid small \
+	$(BIN)/python scripts/reproduce.py --figure 4 --panels deep_linear_a --profile paper --grid small \
 		--grid-epochs 10 --seeds 1 2 3 --launcher $(LAUNCHER) --extra-figures 5 6
-	$(BIN)/python -m kfac2l.reproduce --figure 7 --profile paper --launcher $(LAUNCHER)
+	$(BIN)/python scripts/reproduce.py --figure 7 --profile paper --launcher $(LAUNCHER)
 
 reproduce-figure%: $(STAMP)
-	$(BIN)/python -m kfac2l.reproduce --figure $* --profile $(PROFILE) --launcher $(LAUNCHER)
+	$(BIN)/python scripts/reproduce.py --figure $* --profile $(PROFILE) --launcher $(LAUNCHER)
 
 reproduce-all: reproduce-figure2 reproduce-figure3 reproduce-figure4 reproduce-figure5 reproduce-figure6

@@ -636,16 +636,21 @@ def check_group_choices(argv: list[str]) -> str | None:
         key, sep, value = arg.lstrip("+~").partition("=")
         if not sep or key not in GROUPS:
             continue
-        valid = sorted(p.stem for p in (CONFIGS / key).glob("*.yaml"))
+        valid = sorted(p.stem for p in (CONFIGS / key).glob("*.yaml") if not p.stem.startswith("_"))
         for choice in value.split(","):
             if choice.strip() and choice.strip() not in valid:
                 return f"unknown {key} {choice.strip()!r}; valid: {', '.join(valid)}"
     return None
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Command-line entry: group choices checked first (one line, exit 2), then Hydra."""
     problem = check_group_choices(sys.argv[1:])
     if problem:
         print(f"kfac2l: {problem}", file=sys.stderr)
         sys.exit(2)
     main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -199,3 +199,22 @@ def test_interrupted_run_is_not_complete(data_root, tmp_path, monkeypatch):
         train(_cfg(["optimizer=kfac", *_quick(data_root)]), tmp_path / "run")
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["status"] == "interrupted" and not summary["complete"]
+
+
+GROUPS = ["model", "dataset", "optimizer", "profile", "search", "launcher", "logger", "paths", "experiment",
+          "convention"]
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_every_config_of_every_group_composes_and_resolves(group):
+    """Each selectable file of each group (files starting with '_' are bases) composes with the
+    rest of the defaults and every interpolation resolves."""
+    from omegaconf import OmegaConf
+
+    choices = sorted(p.stem for p in Path(CONFIGS, group).glob("*.yaml") if not p.stem.startswith("_"))
+    assert choices
+    for choice in choices:
+        cfg = _cfg([f"{group}={choice}"], return_hydra=group in ("search", "launcher"))
+        OmegaConf.to_container(cfg, resolve=group not in ("search", "launcher"))
+        if group in ("optimizer", "dataset", "model", "profile", "convention", "experiment"):
+            assert cfg[group].name == (choice if group != "experiment" else cfg.experiment.name)
