@@ -64,6 +64,8 @@ REFERENCES = ("sgd", "kfac")
 def _build(model_name: str, optimizer: str, interval: int, dev: torch.device):
     model = build_model(model_name, seed=0).to(dev)
     opts = {}
+    if optimizer.startswith("space:"):  # any registered coarse space, e.g. space:gradient
+        optimizer, opts["coarse_space"] = "two-level", optimizer.split(":", 1)[1]
     if optimizer not in NO_CURVATURE:
         opts["damping"] = 1e-1
         if optimizer != "ngd":
@@ -162,6 +164,8 @@ def _spawn(problem, optimizer, args) -> dict:
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--schedules", *args.schedules]
     if args.batch:
         cmd += ["--batch", str(args.batch)]
+    if args.imports:
+        cmd += ["--import", *args.imports]
     out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
     if out.returncode != 0:
         raise RuntimeError(f"bench worker {problem}/{optimizer} failed:\n{out.stderr[-2000:]}")
@@ -221,7 +225,10 @@ def print_table(rows: list[dict]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="kfac2l step-time benchmark")
     parser.add_argument("--problems", nargs="+", default=["mnist_ae", "cuda_convnet"], choices=list(PROBLEMS))
-    parser.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=list(OPTIMIZERS))
+    parser.add_argument("--optimizers", nargs="+", default=[o for o in OPTIMIZERS if o != "two-level"],
+                        help=f"registry names ({', '.join(OPTIMIZERS)}) or space:NAME for any registered coarse space")
+    parser.add_argument("--import", dest="imports", nargs="*", default=[], metavar="MODULE",
+                        help="modules to import first (where your coarse spaces are registered)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps", type=int, default=8, help="timed steps after warm-up")
     parser.add_argument("--warmup", type=int, default=2)
@@ -232,6 +239,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--worker", nargs=2, metavar=("PROBLEM", "OPTIMIZER"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    import importlib
+
+    from kfac2l.curvature.spaces import COARSE_SPACES
+
+    for module in args.imports:
+        importlib.import_module(module)
+    for opt in args.optimizers:
+        name = opt.split(":", 1)[1] if opt.startswith("space:") else None
+        if (name is None and opt not in OPTIMIZERS) or (name is not None and name not in COARSE_SPACES):
+            parser.error(f"unknown optimizer {opt!r}; valid: {', '.join(OPTIMIZERS)}, or space:NAME with NAME one "
+                         f"of {', '.join(COARSE_SPACES)}")
     if args.rounds < 1 or args.steps < 1 or args.warmup < 1:
         parser.error(f"--rounds, --steps and --warmup must be >= 1, got {args.rounds}, {args.steps}, {args.warmup}")
     if args.worker:

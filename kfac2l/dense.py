@@ -157,37 +157,24 @@ def block_diag_kfac(data, damping: float, mode: str) -> torch.Tensor:
 
 
 def explicit_coarse_basis(space: str, model, data, kfac: torch.Tensor, fisher_b: torch.Tensor, grad: torch.Tensor,
-                          damping: float, mode: str, taylor_order: int = 2) -> torch.Tensor:
-    """R0^T (p x m) for a coarse space, built densely from its definition (3.21-3.38)."""
+                          damping: float, mode: str, taylor_order: int = 2, **options) -> torch.Tensor:
+    """R0^T (p x m) for a registered coarse space, built densely from its definition: each layer's
+    columns come from the space's ``explicit`` construction on explicit matrices (3.21-3.38)."""
+    from kfac2l.curvature.spaces import COARSE_SPACES, DenseLayerContext, make_coarse_space
+
+    accepted = COARSE_SPACES[space].options
+    options = {k: v for k, v in {"taylor_order": taylor_order, **options}.items() if k in accepted}
+    coarse = make_coarse_space(space, **options)
     slices = layer_slices(model)
     p = grad.shape[0]
-    zeta_kfac = torch.linalg.solve(kfac, grad)
-    r = grad - fisher_b @ zeta_kfac
+    r = grad - fisher_b @ torch.linalg.solve(kfac, grad)
     w1 = torch.linalg.solve(kfac, r)
     cols = []
-    for (sl, O, I), (a, g) in zip(slices, data):
-        block = kfac[sl, sl]
-        ones = torch.ones(O * I, dtype=grad.dtype)
-        if space == "nicolaides":
-            vs = [ones]
-        elif space == "spectral":
-            evals, evecs = torch.linalg.eigh(block)
-            vs = [evecs[:, 0]]
-        elif space == "residual":
-            vs = [w1[sl]]
-        elif space == "krylov-nicolaides":
-            vs = [ones, torch.linalg.solve(block, ones)]
-        elif space == "krylov-residual":
-            vs = [w1[sl], torch.linalg.solve(block, w1[sl])]
-        elif space == "taylor":
-            vs, w = [], w1
-            for _ in range(taylor_order):
-                vs.append(w[sl])
-                w = torch.linalg.solve(kfac, fisher_b @ w)
-        elif space == "full":
-            vs = list(torch.eye(O * I, dtype=grad.dtype))
-        else:
-            raise ValueError(space)
+    for sl, O, I in slices:
+        ctx = DenseLayerContext(kfac[sl, sl], kfac, fisher_b, grad, r, w1, sl, (O, I), options)
+        vs = coarse.explicit(ctx)
+        if vs is None:
+            raise ValueError(f"coarse space {space!r} has no explicit (dense) construction")
         for v in vs:
             col = torch.zeros(p, dtype=grad.dtype)
             col[sl] = v

@@ -9,15 +9,8 @@ from torch import nn
 
 import kfac2l
 import kfac2l.dense as dense
-from kfac2l.curvature.fisher import (
-    RankOne,
-    block_gram,
-    coarse_operator,
-    fisher_vector_product,
-    group_layers,
-    prolong,
-    restrict,
-)
+from kfac2l.curvature.basis import RankOne, block_gram, prolong, restrict
+from kfac2l.curvature.fisher import coarse_operator, fisher_vector_product, group_layers
 from kfac2l.curvature.kronecker import FactorState, batch_factors
 from kfac2l.curvature.layers import layer_inputs, layer_output_grads
 from kfac2l.curvature.likelihood import summed_nll
@@ -272,8 +265,7 @@ def test_exact_natural_gradient_matches_dense(kind, batch):
 def test_previous_matches_dense_kronecker_coarse_operator(kind):
     p = Problem(kind)
     grad, fisher, kfac, data = p.dense(LAM)
-    pre = kfac2l.TwoLevelKFAC(p.model, coarse_space="nicolaides", correction="additive",
-                              coarse_operator="kronecker", damping=LAM)
+    pre = kfac2l.PreviousKFAC(p.model, damping=LAM)
     step = p.run(pre)
     basis = dense.explicit_coarse_basis("nicolaides", p.model, data, kfac, fisher, grad, LAM, "pi")
     op = dense.previous_coarse_operator(data, LAM, "pi")
@@ -524,8 +516,7 @@ def test_previous_on_convolutions_is_consistent_with_the_kfac_diagonal():
     model = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3), torch.nn.Tanh(), torch.nn.Conv2d(3, 2, 1), torch.nn.Tanh(),
                                 torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(2, 3)).double()
     x = torch.ones(1, 2, 6, 6, dtype=torch.float64) * torch.tensor([0.3, -0.7], dtype=torch.float64).view(1, 2, 1, 1)
-    pre = kfac2l.TwoLevelKFAC(model, coarse_space="nicolaides", correction="additive", coarse_operator="kronecker",
-                              damping=LAM)
+    pre = kfac2l.PreviousKFAC(model, damping=LAM)
     pre.update_curvature(model(x), targets=torch.tensor([2]))
     convs = [g for g in pre.groups if g.locations > 1]
     assert sorted(g.locations for g in convs) == [16, 16]  # 6x6 -> 4x4 (valid 3x3) -> 4x4 (1x1)

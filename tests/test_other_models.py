@@ -9,7 +9,7 @@ import torch
 import torchvision
 from torch import nn
 
-from kfac2l.optim import TwoLevelKFAC
+from kfac2l.optim import PreviousKFAC, TwoLevelKFAC
 from kfac2l.optim.preconditioner import KFAC
 
 SPACES = ["nicolaides", "spectral", "residual", "krylov-nicolaides", "krylov-residual", "taylor"]
@@ -51,8 +51,7 @@ def _step(model, make, x, y, targets):
 
 MAKERS = {"kfac": lambda m: KFAC(m, damping=0.1)}
 MAKERS.update({s: (lambda m, s=s: TwoLevelKFAC(m, coarse_space=s, damping=0.1)) for s in SPACES})
-MAKERS["previous"] = lambda m: TwoLevelKFAC(m, coarse_space="nicolaides", correction="additive",
-                                            coarse_operator="kronecker", damping=0.1)
+MAKERS["previous"] = lambda m: PreviousKFAC(m, damping=0.1)
 
 
 @pytest.mark.parametrize("name", list(MAKERS))

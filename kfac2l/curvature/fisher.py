@@ -13,11 +13,9 @@ list over groups of tensors of shape (L, k, O, I): k vectors at once, each layer
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Union
-
 import torch
 
+from kfac2l.curvature.basis import Basis, RankOne, block_gram
 from kfac2l.curvature.layers import conv_padding, layer_inputs, layer_output_grads, matrix_shape
 
 
@@ -219,34 +217,6 @@ def capture_groups(modules: list, inputs: list[torch.Tensor], output_grads: list
     return groups
 
 
-@dataclass
-class RankOne:
-    """k rank-one columns per layer: MAT(V_i[:, k]) = left[i, k] right[i, k]^T.
-
-    left: (L, k, O), right: (L, k, I). The Nicolaides (1 1^T), spectral (v_G v_A^T) and, for the
-    ``pi`` and ``factor`` damping modes, Krylov-Nicolaides (G'^{-1} 1 1^T A'^{-1}) columns have this
-    form; keeping it makes their per-sample projections O + I instead of O * I per location.
-    """
-
-    left: torch.Tensor
-    right: torch.Tensor
-
-    @property
-    def shape(self) -> tuple[int, int, int, int]:
-        L, k, O = self.left.shape
-        return L, k, O, self.right.shape[-1]
-
-    def dense(self) -> torch.Tensor:
-        """The (L, k, O, I) matrices."""
-        return self.left.unsqueeze(-1) * self.right.unsqueeze(-2)
-
-    def cat(self, other: "RankOne") -> "RankOne":
-        return RankOne(torch.cat([self.left, other.left], 1), torch.cat([self.right, other.right], 1))
-
-
-Basis = Union[torch.Tensor, RankOne]  # noqa: UP007 (a runtime alias)
-
-
 def group_layers(a_list: list[torch.Tensor], g_list: list[torch.Tensor]) -> list[LayerGroup]:
     """Stack layers with identical (O, I, T) into groups, keeping first-appearance order."""
     keys: dict[tuple[int, int, int], list[int]] = {}
@@ -307,20 +277,6 @@ def per_sample_projections(groups: list[LayerGroup], vectors: list[Basis]) -> to
     return torch.cat(cols, dim=0).T
 
 
-def block_gram(vectors: list[Basis]) -> torch.Tensor:
-    """blockdiag(V_i^T V_i) in the column order of ``per_sample_projections``."""
-    blocks = []
-    for vg in vectors:
-        if isinstance(vg, RankOne):  # <u w^T, u' w'^T> = (u . u') (w . w')
-            left = torch.matmul(vg.left, vg.left.transpose(1, 2))
-            gram = left * torch.matmul(vg.right, vg.right.transpose(1, 2))
-        else:
-            flat = vg.flatten(2)  # (L, k, O*I)
-            gram = torch.matmul(flat, flat.transpose(1, 2))
-        blocks.extend(gram.unbind(0))
-    return torch.block_diag(*blocks)
-
-
 def coarse_operator(
     groups: list[LayerGroup],
     vectors: list[torch.Tensor],
@@ -339,43 +295,6 @@ def coarse_operator(
     p = p.double()
     gram = block_gram(vectors) if gram is None else gram
     return p.T @ p / batch + damping * gram.double()
-
-
-def restrict(vectors: list[Basis], u: list[torch.Tensor]) -> torch.Tensor:
-    """R0 u = [V_i^T u[i]]: (m,) in the column order of ``per_sample_projections``.
-
-    u: one layered vector, (L, 1, O, I) per group."""
-    parts = []
-    for vg, ug in zip(vectors, u):
-        if isinstance(vg, RankOne):  # left^T MAT(u) right
-            ur = torch.matmul(ug[:, 0], vg.right.transpose(1, 2))  # (L, O, k)
-            parts.append((vg.left.transpose(1, 2) * ur).sum(1).reshape(-1))
-        else:
-            parts.append((vg * ug).flatten(2).sum(-1).reshape(-1))
-    return torch.cat(parts)
-
-
-def restrict64(vectors: list[Basis], u: list[torch.Tensor]) -> torch.Tensor:
-    """``restrict`` with every product and sum in float64 (O(p) extra memory: one layer at a time)."""
-    def wide(vg):
-        return RankOne(vg.left.double(), vg.right.double()) if isinstance(vg, RankOne) else vg.double()
-
-    return torch.cat([restrict([wide(vg)], [ug.double()]) for vg, ug in zip(vectors, u)])
-
-
-def prolong(vectors: list[Basis], beta: torch.Tensor) -> list[torch.Tensor]:
-    """R0^T beta = [V_i beta_i] as a layered vector with one column, (L, 1, O, I) per group."""
-    out, offset = [], 0
-    for vg in vectors:
-        L, k = vg.shape[:2]
-        b = beta[offset : offset + L * k].reshape(L, k)
-        if isinstance(vg, RankOne):  # sum_k beta_k left_k right_k^T
-            left = vg.left * b.to(vg.left.dtype).unsqueeze(-1)
-            out.append(torch.matmul(left.transpose(1, 2), vg.right).unsqueeze(1))
-        else:
-            out.append((vg * b.reshape(L, k, 1, 1).to(vg.dtype)).sum(1, keepdim=True))
-        offset += L * k
-    return out
 
 
 def per_sample_gradient_gram(groups: list[LayerGroup], max_elements: int = 2**26) -> torch.Tensor:

@@ -19,21 +19,11 @@ from collections import Counter
 import torch
 from torch import nn
 
-from kfac2l.curvature import coarse as coarse_mod
-from kfac2l.curvature.coarse import (
-    COARSE_OPERATORS,
-    COARSE_SPACES,
-    CORRECTIONS,
-    KRYLOV_STARTS,
-    coarse_basis,
-    kronecker_coarse_operator,
-    nicolaides_sums,
-    solve_coarse,
-)
+from kfac2l.curvature.basis import block_gram, prolong, restrict, restrict64
+from kfac2l.curvature.coarse import CORRECTIONS, kronecker_coarse_operator, nicolaides_sums, solve_coarse
 from kfac2l.curvature.exact import natural_gradient
 from kfac2l.curvature.fisher import (
     LayerGroup,
-    block_gram,
     capture_groups,
     coarse_operator,
     fisher_norm_sq,
@@ -41,9 +31,6 @@ from kfac2l.curvature.fisher import (
     layered_dot,
     per_sample_projections,
     project,
-    prolong,
-    restrict,
-    restrict64,
 )
 from kfac2l.curvature.kronecker import DAMPING_MODES, DampedKronecker, FactorState, batch_factors
 from kfac2l.curvature.layers import (
@@ -54,6 +41,7 @@ from kfac2l.curvature.layers import (
     write_grad_matrix,
 )
 from kfac2l.curvature.likelihood import LIKELIHOODS, sample_targets, summed_nll
+from kfac2l.curvature.spaces import COARSE_SPACES, KRYLOV_STARTS, BasisContext, make_coarse_space
 
 KL_CLIP_FORMS = ("unscaled", "lr_squared")
 
@@ -417,21 +405,20 @@ class KFAC(CurvaturePreconditioner):
 
 
 class TwoLevelKFAC(KFAC):
-    """Two-level KFAC: zeta_2L = zeta_KFAC + c R0^T beta (eqs. 3.9-3.15, 3.17, 4.7).
+    """Two-level KFAC: zeta_2L = zeta_KFAC + c R0^T beta (eqs. 3.9-3.15, 4.7).
 
     Args (besides those of ``KFAC``):
-        coarse_space: one of nicolaides, spectral, residual, krylov-nicolaides, krylov-residual,
-            taylor, full (see ``kfac2l.curvature.coarse``).
+        coarse_space: a name registered in ``kfac2l.curvature.spaces`` (nicolaides, spectral,
+            residual, krylov-nicolaides, krylov-residual, taylor, full, or one of yours).
         correction: 'multiplicative' (beta* = F_coarse^{-1} R0 r_KFAC, eq. 3.11, the paper's
             method) or 'additive' (beta = F_coarse^{-1} R0 grad, eq. 4.7b).
-        coarse_operator: 'exact' (R0 F_bullet R0^T on the Fisher batch, A15-A16) or 'kronecker'
-            (the cross-layer Kronecker approximation (3.18) of Tselepidis et al.; Nicolaides only).
         coarse_scale: c, scale of the correction (1 = the paper's method).
-        taylor_order: q of the Taylor space (3.36-3.38).
-        krylov_start: start vector of the Krylov residual space, 'preconditioned' or 'raw'.
+        taylor_order, krylov_start: options of the taylor and krylov-residual spaces (ignored by
+            the others); ``coarse_options``: options of any other space.
 
-    The coarse operator and the residual are computed every step from the Fisher batch of that
-    step, so the two are always consistent (unlike the authors' code).
+    The coarse operator F_coarse = R0 F_bullet R0^T (3.12) and the residual are computed every
+    step from the Fisher batch of that step, so the two are always consistent (unlike the authors'
+    code). PREVIOUS, with its Kronecker coarse operator, is ``PreviousKFAC``.
     """
 
     def __init__(
@@ -439,51 +426,134 @@ class TwoLevelKFAC(KFAC):
         model: nn.Module,
         coarse_space: str = "residual",
         correction: str = "multiplicative",
-        coarse_operator: str = "exact",
         coarse_scale: float = 1.0,
         taylor_order: int = 2,
         krylov_start: str = "preconditioned",
+        coarse_options: dict | None = None,
         **kwargs,
     ):
-        _check_choice("coarse_space", coarse_space, COARSE_SPACES)
+        _check_choice("coarse_space", coarse_space, tuple(COARSE_SPACES))
         _check_choice("correction", correction, CORRECTIONS)
-        _check_choice("coarse_operator", coarse_operator, COARSE_OPERATORS)
-        _check_choice("krylov_start", krylov_start, KRYLOV_STARTS)
-        if coarse_operator == "kronecker" and coarse_space != "nicolaides":
-            raise ValueError(
-                f"coarse_operator='kronecker' (eq. 3.18) is defined for coarse_space='nicolaides' only, "
-                f"not {coarse_space!r}"
-            )
+        generic = {"taylor_order": taylor_order, "krylov_start": krylov_start}
+        accepted = COARSE_SPACES[coarse_space].options
+        space_options = {k: v for k, v in generic.items() if k in accepted}
+        space_options.update(coarse_options or {})
         if int(taylor_order) != taylor_order or taylor_order < 1:
             raise ValueError(f"taylor_order={taylor_order!r} must be a positive integer")
+        _check_choice("krylov_start", krylov_start, KRYLOV_STARTS)
+        self.space = make_coarse_space(coarse_space, **space_options)
         super().__init__(model, **kwargs)
         self.coarse_space = coarse_space
         self.correction = correction
-        self.coarse_operator_kind = coarse_operator
         self.coarse_scale = float(coarse_scale)
         self.taylor_order = int(taylor_order)
         self.krylov_start = krylov_start
-        self._cross = None
+        self.last_basis = None  # the coarse basis of the last step (for checks; a reference, no copy)
         self._static, self._static_for = None, None
 
     @property
     def kronecker_solves(self) -> int:
-        """K^{-1} grad, plus K^{-1} r_KFAC for the residual spaces (3.32), plus one per extra
-        Krylov iterate (3.29, K^{-1} v) or Taylor order (3.38, K^{-1} F_bullet w_j). Static bases
-        (nicolaides, spectral, krylov-nicolaides) are cached between refreshes and need none."""
-        if not coarse_mod.uses_residual(self.coarse_space):
-            return 1
-        extra = {"residual": 0, "krylov-residual": 1, "taylor": self.taylor_order - 1}[self.coarse_space]
-        return 2 + extra
+        """K^{-1} grad, plus what the coarse space needs (``CoarseSpace.kronecker_solves``): none
+        for static bases (cached between refreshes), 1 for residual (K^{-1} r_KFAC, 3.32), 2 for
+        krylov-residual (3.29), q for taylor (3.38)."""
+        return 1 + self.space.kronecker_solves()
 
     def needs_curvature(self) -> bool:
-        if self.coarse_operator_kind == "kronecker" and not self.track_diagnostics:
-            return super().needs_curvature()
-        return True
+        return True  # F_coarse and r_KFAC come from this step's Fisher batch
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self._static, self._static_for = None, None  # rebuilt from the restored inverses
+
+    @staticmethod
+    def _shapes(grads):
+        return [(g.shape[0], g.shape[2], g.shape[3]) for g in grads]
+
+    def _static_basis(self, kron, grads):
+        """A static space's basis and block Gram, cached until the inverses change."""
+        if self._static_for is not kron:
+            basis = self.space.basis(BasisContext(kron, self._shapes(grads), grads[0]))
+            self._static, self._static_for = (basis, block_gram(basis)), kron
+        return self._static
+
+    def _direction(self, grads):
+        """zeta_KFAC = K^{-1} g (2.29); the coarse system (R0^T, F_coarse, right-hand side) of
+        ``_coarse_system``; beta = F_coarse^{-1} rhs by Cholesky (3.11 / 4.7b); zeta_KFAC + c R0^T beta (3.9)."""
+        kron = self._inverses()
+        zeta_kfac = [k.apply_inverse(g) for k, g in zip(kron, grads)]
+        basis, op, rhs, residual = self._coarse_system(kron, grads, zeta_kfac)
+        beta, failed = solve_coarse(op, rhs)
+        beta = self.coarse_scale * beta
+        zeta = [z + c for z, c in zip(zeta_kfac, prolong(basis, beta))]
+        self.last_basis = basis
+        if self.track_diagnostics:
+            self._record_gap(grads, zeta_kfac, basis, beta, op, residual)
+            self._diag["coarse_solve_fallbacks"] = failed
+            if self.exact_reference:
+                self._record_exact(self._fresh_groups(), grads, {"kfac": zeta_kfac, "two_level": zeta})
+        return zeta
+
+    def _coarse_system(self, kron, grads, zeta_kfac):
+        """(R0^T, F_coarse = R0 F_bullet R0^T, rhs, r_KFAC or None) with rhs = R0 r_KFAC
+        (multiplicative) or R0 g (additive), everything from this step's Fisher batch."""
+        groups = self._fresh_groups()
+        lam = self.damping
+        if self.space.static:  # R0 r from the per-sample projections P, without forming r
+            basis, gram = self._static_basis(kron, grads)
+            proj = per_sample_projections(groups, basis)
+            op = coarse_operator(groups, basis, lam, projections=proj, gram=gram)
+            rhs = restrict64(basis, grads)
+            if self.correction == "multiplicative":
+                # R0 F_bullet zeta_KFAC = (1/B) P^T J^T zeta_KFAC + lambda R0 zeta_KFAC (A3, A15).
+                # Assembled in float64: where KFAC is accurate on the coarse space the terms cancel,
+                # and their float32 rounding would be all that is left of R0 r.
+                v = sum(project(grp, z).sum(0).double() for grp, z in zip(groups, zeta_kfac))[0]
+                rhs = rhs - proj.double().T @ v / groups[0].batch - lam * restrict64(basis, zeta_kfac)
+            return basis, op, rhs, None
+        # residual spaces: rebuilt every step from r_KFAC = g - F_bullet zeta_KFAC
+        residual = [g - f for g, f in zip(grads, fisher_vector_product(groups, zeta_kfac, lam))]
+        ctx = BasisContext(kron, self._shapes(grads), grads[0], grad=grads, residual=residual,
+                           precond_residual=[k.apply_inverse(r) for k, r in zip(kron, residual)],
+                           fvp=lambda u: fisher_vector_product(groups, u, lam))
+        basis = self.space.basis(ctx)
+        op = coarse_operator(groups, basis, lam)
+        rhs = restrict(basis, residual if self.correction == "multiplicative" else grads).double()
+        return basis, op, rhs, residual
+
+    def _record_gap(self, grads, zeta_kfac, basis, beta, op, residual) -> None:
+        """E(beta) - E(0) = <F_coarse beta, beta> - 2 <R0^T beta, r_KFAC> (eq. 4.6), with the exact
+        F_coarse of the Fisher batch (``op`` must be it; PREVIOUS passes the exact one here)."""
+        groups = self._fresh_groups()
+        if residual is None:
+            fz = fisher_vector_product(groups, zeta_kfac, self.damping)
+            residual = [g - f for g, f in zip(grads, fz)]
+        self._diag["gap"] = beta @ op @ beta - 2 * (restrict(basis, residual).double() @ beta)
+
+
+class PreviousKFAC(TwoLevelKFAC):
+    """PREVIOUS, Tselepidis, Kohler & Orvieto (2020): the Nicolaides space with the cross-layer
+    Kronecker approximation of the coarse operator (eq. 3.18) and, by default, the additive
+    correction beta = Fbar_coarse^{-1} R0 g (4.7b).
+
+    Off-diagonal entries E[1^T abar_i abar_j^T 1] E[1^T g_i g_j^T 1] are averaged over refreshes
+    like the KFAC factors (convolutions: ``kfac2l.curvature.coarse.nicolaides_sums``); the
+    diagonal is 1^T [F_bullet KFAC]_{i,i} 1. Between refreshes no Fisher batch is needed. The gap
+    diagnostic (4.6) still uses the exact operator of the Fisher batch.
+    """
+
+    def __init__(self, model: nn.Module, coarse_space: str = "nicolaides", correction: str = "additive", **kwargs):
+        if coarse_space != "nicolaides":
+            raise ValueError(f"the Kronecker coarse operator of PREVIOUS (eq. 3.18) is defined for "
+                             f"coarse_space='nicolaides' only, not {coarse_space!r}")
+        super().__init__(model, coarse_space=coarse_space, correction=correction, **kwargs)
+        self._cross = None
+
+    def needs_curvature(self) -> bool:
+        if self.track_diagnostics or self.correction == "multiplicative":  # r_KFAC needs F_bullet
+            return True
+        return KFAC.needs_curvature(self)
 
     def _on_factor_update(self) -> None:
-        if self.coarse_operator_kind != "kronecker":
-            return
         sums = [nicolaides_sums(grp.a, grp.g) for grp in self.groups]
         alpha = torch.cat([s[0] for s in sums])  # (m, B)
         gamma = torch.cat([s[1] for s in sums])
@@ -499,96 +569,36 @@ class TwoLevelKFAC(KFAC):
 
     def state_dict(self) -> dict:
         state = super().state_dict()
-        state["cross"] = self._cross  # PREVIOUS's averaged cross-layer Kronecker terms (3.18)
+        state["cross"] = self._cross  # the averaged cross-layer Kronecker terms (3.18)
         return state
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self._cross = state["cross"]
-        self._static, self._static_for = None, None  # rebuilt from the restored inverses
 
-    def _shapes(self, grads):
-        return [(g.shape[0], g.shape[2], g.shape[3]) for g in grads]
-
-    def _static_parts(self, kron, shapes, like):
-        """What depends only on the damped blocks, cached until the inverses change: the basis of
-        the nicolaides, spectral and krylov-nicolaides spaces and, for the Kronecker operator
-        (3.18), its diagonal 1^T [F_bullet KFAC]_{i,i} 1 and the 1/sqrt(p_i) column scales."""
+    def _static_basis(self, kron, grads):
+        """Besides the basis: the diagonal 1^T [F_bullet KFAC]_{i,i} 1 (3.18b) and the column
+        scales 1/sqrt(p_i) (columns are unit-normalised ones), cached until the inverses change."""
         if self._static_for is not kron:
-            basis = gram = None
-            if not coarse_mod.uses_residual(self.coarse_space):
-                basis = coarse_basis(self.coarse_space, kron, shapes, like=like)
-                gram = block_gram(basis)
-            diagonal = scale = None
-            if self.coarse_operator_kind == "kronecker":
-                diagonal = torch.cat([k.ones_sum() for k in kron]).double()
-                sizes = torch.cat([torch.full((L,), float(O * I)) for L, O, I in shapes])
-                # basis columns are unit-normalised: ones / sqrt(p_i), hence the 1/p_i rescaling
-                scale = sizes.to(diagonal.device, diagonal.dtype).rsqrt()
-            self._static, self._static_for = (basis, gram, diagonal, scale), kron
+            basis = self.space.basis(BasisContext(kron, self._shapes(grads), grads[0]))
+            diagonal = torch.cat([k.ones_sum() for k in kron]).double()
+            sizes = torch.cat([torch.full((L,), float(O * I)) for L, O, I in self._shapes(grads)])
+            scale = sizes.to(diagonal.device, diagonal.dtype).rsqrt()
+            self._static, self._static_for = (basis, diagonal, scale), kron
         return self._static
 
-    def _direction(self, grads):
-        kron = self._inverses()
-        shapes = self._shapes(grads)
-        zeta_kfac = [k.apply_inverse(g) for k, g in zip(kron, grads)]
-        lam = self.damping
-        basis, gram, diagonal, scale = self._static_parts(kron, shapes, grads[0])
-        residual = None
-        if self.coarse_operator_kind == "kronecker":
-            op = kronecker_coarse_operator(*self._cross, diagonal) * scale[:, None] * scale[None, :]
-            rhs = restrict(basis, grads).double()
-        elif basis is not None:  # static basis: R0 r from P without forming r
+    def _coarse_system(self, kron, grads, zeta_kfac):
+        basis, diagonal, scale = self._static_basis(kron, grads)
+        op = kronecker_coarse_operator(*self._cross, diagonal) * scale[:, None] * scale[None, :]
+        if self.correction == "multiplicative":
             groups = self._fresh_groups()
-            proj = per_sample_projections(groups, basis)
-            op = coarse_operator(groups, basis, lam, projections=proj, gram=gram)
-            rhs = restrict64(basis, grads)
-            if self.correction == "multiplicative":
-                # R0 F_bullet zeta_KFAC = (1/B) P^T J^T zeta_KFAC + lambda R0 zeta_KFAC (A3, A15).
-                # Assembled in float64: where KFAC is accurate on the coarse space the terms cancel,
-                # and their float32 rounding would be all that is left of R0 r.
-                v = sum(project(grp, z).sum(0).double() for grp, z in zip(groups, zeta_kfac))[0]
-                batch = groups[0].batch
-                rhs = rhs - proj.double().T @ v / batch - lam * restrict64(basis, zeta_kfac)
-        else:  # residual, krylov-residual, taylor: rebuilt every step from r_KFAC
-            groups = self._fresh_groups()
-            fz = fisher_vector_product(groups, zeta_kfac, lam)
-            residual = [g - f for g, f in zip(grads, fz)]
-            basis = coarse_basis(
-                self.coarse_space,
-                kron,
-                shapes,
-                precond_residual=[k.apply_inverse(r) for k, r in zip(kron, residual)],
-                residual=residual,
-                fvp=lambda u: fisher_vector_product(groups, u, lam),
-                taylor_order=self.taylor_order,
-                krylov_start=self.krylov_start,
-                like=grads[0],
-            )
-            op = coarse_operator(groups, basis, lam)
-            rhs = restrict(basis, residual if self.correction == "multiplicative" else grads).double()
-        beta, failed = solve_coarse(op, rhs)
-        beta = self.coarse_scale * beta
-        correction = prolong(basis, beta)
-        zeta = [z + c for z, c in zip(zeta_kfac, correction)]
-        if self.track_diagnostics:
-            self._record_gap(grads, zeta_kfac, basis, beta, op, residual)
-            self._diag["coarse_solve_fallbacks"] = failed
-            if self.exact_reference:
-                self._record_exact(self._fresh_groups(), grads, {"kfac": zeta_kfac, "two_level": zeta})
-        return zeta
+            residual = [g - f for g, f in zip(grads, fisher_vector_product(groups, zeta_kfac, self.damping))]
+            return basis, op, restrict(basis, residual).double(), residual
+        return basis, op, restrict(basis, grads).double(), None
 
     def _record_gap(self, grads, zeta_kfac, basis, beta, op, residual) -> None:
-        """E(beta) - E(0) = <F_coarse beta, beta> - 2 <R0^T beta, r_KFAC> (eq. 4.6), with the
-        exact F_coarse on the Fisher batch even when beta came from the Kronecker operator."""
-        groups = self._fresh_groups()
-        if self.coarse_operator_kind == "kronecker":
-            op = coarse_operator(groups, basis, self.damping)
-        if residual is None:
-            fz = fisher_vector_product(groups, zeta_kfac, self.damping)
-            residual = [g - f for g, f in zip(grads, fz)]
-        gap = beta @ op @ beta - 2 * (restrict(basis, residual).double() @ beta)
-        self._diag["gap"] = gap
+        exact = coarse_operator(self._fresh_groups(), basis, self.damping)
+        super()._record_gap(grads, zeta_kfac, basis, beta, exact, residual)
 
 
 class ExactNGD(CurvaturePreconditioner):

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from kfac2l.names import TWO_LEVEL  # noqa: F401 (re-exported)
-from kfac2l.optim.preconditioner import KFAC, CurvaturePreconditioner, ExactNGD, TwoLevelKFAC
+from kfac2l.optim.preconditioner import KFAC, CurvaturePreconditioner, ExactNGD, PreviousKFAC, TwoLevelKFAC
 
 
 @dataclass(frozen=True)
@@ -35,12 +35,11 @@ REGISTRY: dict[str, OptimizerSpec] = {
     "residu": OptimizerSpec(TwoLevelKFAC, {"coarse_space": "residual"}),
     "kry-nico": OptimizerSpec(TwoLevelKFAC, {"coarse_space": "krylov-nicolaides"}),
     "kry-residu": OptimizerSpec(TwoLevelKFAC, {"coarse_space": "krylov-residual"}),
-    "previous": OptimizerSpec(
-        TwoLevelKFAC,
-        {"coarse_space": "nicolaides", "correction": "additive", "coarse_operator": "kronecker"},
-    ),
+    "previous": OptimizerSpec(PreviousKFAC, {"coarse_space": "nicolaides", "correction": "additive"}),
     "taylor": OptimizerSpec(TwoLevelKFAC, {"coarse_space": "taylor"}),
     "ngd": OptimizerSpec(ExactNGD),
+    # any registered coarse space, e.g. one of yours: make_optimizer("two-level", model, coarse_space="gradient")
+    "two-level": OptimizerSpec(TwoLevelKFAC),
 }
 
 OPTIMIZERS = tuple(REGISTRY)
@@ -48,7 +47,7 @@ OPTIMIZERS = tuple(REGISTRY)
 _COMMON = {"lr", "weight_decay", "momentum", "nesterov"}
 _CURVATURE = {"damping", "kl_clip", "kl_clip_form", "diagnostics", "exact_reference", "exclude", "warn_skipped"}
 _KFAC = {"damping_mode", "ema_decay", "ema_count", "freeze_factors", "cov_interval", "inv_interval"}
-_TWO_LEVEL = {"correction", "coarse_operator", "coarse_scale", "taylor_order", "krylov_start"}
+_TWO_LEVEL = {"coarse_space", "correction", "coarse_scale", "taylor_order", "krylov_start", "coarse_options"}
 _ADAM = {"lr", "weight_decay", "betas", "eps"}
 
 
@@ -62,7 +61,7 @@ def valid_options(name: str) -> set[str]:
     opts = _COMMON | _CURVATURE
     if issubclass(spec.preconditioner, KFAC):
         opts |= _KFAC
-    if spec.preconditioner is TwoLevelKFAC:
+    if issubclass(spec.preconditioner, TwoLevelKFAC):
         opts |= _TWO_LEVEL - set(spec.fixed)
     return opts
 
@@ -125,8 +124,8 @@ def make_optimizer(name: str, model: nn.Module, lr: float, **options) -> Optimiz
     Common options: weight_decay (1e-3), momentum (0.9) and nesterov (False), SGD-based only.
     Curvature options: damping (required), kl_clip, kl_clip_form, diagnostics, exact_reference,
     and for the KFAC family damping_mode, ema_decay, ema_count, freeze_factors, cov_interval,
-    inv_interval; two-level: correction, coarse_operator,
-    coarse_scale, taylor_order, krylov_start (those a name fixes cannot be overridden).
+    inv_interval; two-level: correction, coarse_scale, taylor_order, krylov_start, coarse_options
+    (those a name fixes cannot be overridden); all curvature optimisers: exclude, warn_skipped.
     """
     spec = _spec(name)
     allowed = valid_options(name) - {"lr"}
