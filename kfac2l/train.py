@@ -30,7 +30,6 @@ import socket
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import hydra
@@ -45,8 +44,9 @@ from kfac2l.models import INITS, MODELS, build_model
 from kfac2l.optim import REGISTRY, TWO_LEVEL, make_optimizer
 from kfac2l.optim.preconditioner import UnpreconditionedWarning
 from kfac2l.optim.step import get_task, training_step
-from kfac2l.runs import identity_diff, identity_id, read_summary, write_diagnostics, write_metrics, write_summary
+from kfac2l.runs import identity_diff, identity_id, read_summary
 from kfac2l.runs.checkpoint import CheckpointError, load_checkpoint, remove_checkpoint, save_checkpoint
+from kfac2l.runs.recorder import Progress, RunRecorder
 from kfac2l.select import read_selection
 
 OUR_FILES = ("summary.json", "metrics.csv", "diagnostics.csv", "config.yaml", "checkpoint.pt")
@@ -304,31 +304,6 @@ def fisher_seed(seed: int, iteration: int) -> int:
     return (int(seed) * 1_000_003 + int(iteration) * 7919 + 12345) % (2**63 - 1)
 
 
-@dataclass
-class Progress:
-    """What a run has done so far; everything a checkpoint needs besides model and optimiser."""
-
-    epoch: int = 1                 # the epoch in progress (or next to start)
-    batch: int = 0                 # batches of that epoch already done (mid-epoch checkpoint)
-    epoch_losses: list = field(default_factory=list)
-    epoch_data_state: torch.Tensor | None = None  # data generator state at the start of `epoch`
-    iterations: int = 0
-    rows: list = field(default_factory=list)
-    diag_rows: list = field(default_factory=list)
-    best: float = math.inf
-    best_epoch: int = 0
-    since_best: int = 0
-    start_loss: float | None = None
-    above: int = 0                 # consecutive epochs above the divergence threshold
-    elapsed: float = 0.0
-
-    def state(self) -> dict:
-        out = dict(self.__dict__)
-        out["diag_rows"] = [{k: (float(v) if torch.is_tensor(v) else v) for k, v in r.items()} for r in self.diag_rows]
-        out["epoch_losses"] = [float(v) for v in self.epoch_losses]
-        return out
-
-
 class StopRequest:
     """SIGTERM / SIGUSR2 (SLURM time limit, preemption, scancel): finish the current iteration,
     checkpoint, mark the run interrupted, then hand the signal to the previous handler (submitit
@@ -376,7 +351,7 @@ def _archive(out_dir: Path, old: dict) -> Path:
 
 
 def train(cfg: DictConfig, out_dir: Path) -> dict:
-    """Run (or resume, or skip) one training and write its files into ``out_dir``; returns the summary."""
+    """Run, resume or skip one training in ``out_dir`` (see the module docstring); returns the summary."""
     out_dir = Path(out_dir)
     lr, opts = validate(cfg)
     identity = run_identity(cfg, lr, opts)
@@ -385,157 +360,190 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
     if previous is not None and previous.get("identity_id") == ident and previous.get("complete"):
         print(f"[kfac2l] {out_dir} is complete (identity {ident}); skipped", file=sys.stderr)
         return previous
-    resumed = None
+    resumed = _claim(out_dir, previous, identity, ident)
+    run = Run(cfg, out_dir, identity, ident)
+    if resumed is not None:
+        run.restore(resumed, previous)
+    return run.execute()
+
+
+def _claim(out_dir: Path, previous: dict | None, identity: dict, ident: str) -> dict | None:
+    """Make ``out_dir`` this run's: archive a run of another identity, or return the checkpoint of
+    an interrupted run of this identity (None when there is nothing to resume)."""
     if previous is not None and previous.get("identity_id") != ident:
         diff = identity_diff(previous.get("identity"), identity)
         dest = _archive(out_dir, previous)
         print(f"[kfac2l] {out_dir} held a run with another identity ({'; '.join(diff) or 'no identity recorded'});"
               f" moved to {dest}; running anew", file=sys.stderr)
-    else:
-        try:
-            resumed = load_checkpoint(out_dir)
-        except CheckpointError as err:
-            print(f"[kfac2l] {err}; the run restarts from epoch 1", file=sys.stderr)
-        if resumed is not None and resumed["identity_id"] != ident:
-            print(f"[kfac2l] {out_dir}: checkpoint of another identity ignored; restarting", file=sys.stderr)
-            resumed = None
-    task, data, model, lr, opts = prepare(cfg)
-    device = _device(cfg.device)
-    model.to(device)
-    with warnings.catch_warnings():  # recorded in the summary instead
-        warnings.simplefilter("ignore", UnpreconditionedWarning)
-        optimizer = make_optimizer(cfg.optimizer.name, model, lr=lr, **opts)
-    skipped = optimizer.preconditioner.skipped_modules if optimizer.preconditioner is not None else []
-    data_gen = torch.Generator().manual_seed(cfg.seed)
-    fisher_gen = torch.Generator(device=device)
-    progress = Progress()
-    summary = {
-        "experiment": cfg.experiment.name, "optimizer": cfg.optimizer.name, "lr": lr,
-        "damping": opts.get("damping"), "options": {k: v for k, v in opts.items() if k != "damping"},
-        "seed": cfg.seed, "batch_size": cfg.experiment.batch_size, "profile": cfg.profile.name,
-        "convention": cfg.convention.name, "init": cfg.model.init,
-        "data_source": data.source, "dataset": data.name, "train_samples": int(data.x_train.shape[0]),
-        "device": str(device), "torch_threads": torch.get_num_threads(), "git_commit": git_commit(),
-        "max_epochs": max_epochs(cfg), "identity": identity, "identity_id": ident,
-        "resumed_from_epoch": None, "resumes": 0, "plain_gradient_modules": len(skipped),
-        "pid": os.getpid(), "host": socket.gethostname(),
-    }
-    if resumed is not None:
-        model.load_state_dict(resumed["model"])
-        optimizer.load_state_dict(_to_device(resumed["optimizer"], device))
-        data_gen.set_state(resumed["data_generator"])
-        for key, value in resumed["progress"].items():
-            setattr(progress, key, value)
-        old = previous or {}
-        summary["resumes"] = int(old.get("resumes") or 0) + 1
-        summary["resumed_from_epoch"] = progress.epoch - (0 if progress.batch else 1)
-        print(f"[kfac2l] {out_dir}: resuming after epoch {summary['resumed_from_epoch']}"
-              + (f" (+{progress.batch} batches)" if progress.batch else ""), file=sys.stderr)
-    atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    wandb_run = _wandb_init(cfg, summary, out_dir, ident)
-    batches = TensorBatches(data.x_train, data.y_train, cfg.experiment.batch_size, data_gen, device)
-    show = sys.stderr.isatty() if str(cfg.progress) == "auto" else str(cfg.progress).lower() == "true"
-    status, error, reason = "running", None, None
+        return None
+    try:
+        resumed = load_checkpoint(out_dir)
+    except CheckpointError as err:
+        print(f"[kfac2l] {err}; the run restarts from epoch 1", file=sys.stderr)
+        return None
+    if resumed is not None and resumed["identity_id"] != ident:
+        print(f"[kfac2l] {out_dir}: checkpoint of another identity ignored; restarting", file=sys.stderr)
+        return None
+    return resumed
 
-    def checkpoint():
-        save_checkpoint(out_dir, {
-            "identity_id": ident, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "data_generator": data_gen.get_state(), "progress": progress.state(),
+
+class Run:
+    """One training run: data, model, optimiser and generators built from a validated config; the
+    epoch loop with early stopping, divergence, checkpoints and signals; its files written by a
+    ``RunRecorder``."""
+
+    def __init__(self, cfg: DictConfig, out_dir: Path, identity: dict, ident: str):
+        self.cfg, self.out_dir, self.ident = cfg, out_dir, ident
+        self.task, self.data, self.model, lr, self.opts = prepare(cfg)
+        self.device = _device(cfg.device)
+        self.model.to(self.device)
+        with warnings.catch_warnings():  # recorded in the summary instead
+            warnings.simplefilter("ignore", UnpreconditionedWarning)
+            self.optimizer = make_optimizer(cfg.optimizer.name, self.model, lr=lr, **self.opts)
+        pre = self.optimizer.preconditioner
+        self.data_gen = torch.Generator().manual_seed(cfg.seed)
+        self.fisher_gen = torch.Generator(device=self.device)
+        self.progress = Progress()
+        data, opts = self.data, self.opts
+        self.recorder = RunRecorder(out_dir, {
+            "experiment": cfg.experiment.name, "optimizer": cfg.optimizer.name, "lr": lr,
+            "damping": opts.get("damping"), "options": {k: v for k, v in opts.items() if k != "damping"},
+            "seed": cfg.seed, "batch_size": cfg.experiment.batch_size, "profile": cfg.profile.name,
+            "convention": cfg.convention.name, "init": cfg.model.init,
+            "data_source": data.source, "dataset": data.name, "train_samples": int(data.x_train.shape[0]),
+            "device": str(self.device), "torch_threads": torch.get_num_threads(), "git_commit": git_commit(),
+            "max_epochs": max_epochs(cfg), "identity": identity, "identity_id": ident,
+            "resumed_from_epoch": None, "resumes": 0,
+            "plain_gradient_modules": len(pre.skipped_modules) if pre is not None else 0,
+            "pid": os.getpid(), "host": socket.gethostname(),
         })
 
-    def record(final: bool) -> None:
-        write_metrics(out_dir, progress.rows)
-        write_diagnostics(out_dir, progress.diag_rows)
-        summary.update({
-            "status": status, "error": error, "divergence_reason": reason,
-            "best_train_loss": progress.best if math.isfinite(progress.best) else None,
-            "best_epoch": progress.best_epoch, "epochs_run": len(progress.rows), "iterations": progress.iterations,
-            "final_train_loss": progress.rows[-1]["train_loss"] if progress.rows else None,
-            "wall_time": progress.elapsed, "complete": status in ("completed", "diverged"),
-        })
-        write_summary(out_dir, summary)
+    @property
+    def summary(self) -> dict:
+        return self.recorder.summary
 
-    t_start = time.perf_counter() - progress.elapsed
-    limit = max_epochs(cfg)
-    with StopRequest() as stop:
-        try:
-            record(final=False)
-            bar = tqdm(range(progress.epoch, limit + 1), desc=cfg.optimizer.name, disable=not show,
-                       initial=progress.epoch - 1, total=limit)
-            for epoch in bar:
-                if progress.batch == 0:
-                    progress.epoch_data_state, progress.epoch_losses = data_gen.get_state(), []
-                else:
-                    data_gen.set_state(progress.epoch_data_state)
-                losses = [torch.tensor(v) for v in progress.epoch_losses]
-                for k, (x, y) in enumerate(tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=not show)):
-                    if k < progress.batch:
-                        continue
-                    fisher_gen.manual_seed(fisher_seed(cfg.seed, progress.iterations))
-                    losses.append(training_step(model, optimizer, task, x, y, cfg.profile.fisher_fraction, fisher_gen))
-                    progress.iterations += 1
-                    if opts.get("diagnostics"):
-                        progress.diag_rows.append({"iteration": progress.iterations,
-                                                   **optimizer.preconditioner.diagnostic_tensors})
-                    if stop.signum is not None:
-                        progress.batch, progress.epoch_losses = k + 1, losses
-                        progress.elapsed = time.perf_counter() - t_start
-                        raise Interrupted
-                train_loss = torch.stack(losses).mean().item()  # one synchronisation per epoch
-                if progress.start_loss is None:
-                    progress.start_loss = losses[0].item()
-                test_loss, test_acc = evaluate(model, task, data.x_test, data.y_test, device)
-                progress.elapsed = time.perf_counter() - t_start
-                progress.rows.append({"epoch": epoch, "iterations": progress.iterations, "train_loss": train_loss,
-                                      "test_loss": test_loss, "test_accuracy": test_acc,
-                                      "wall_time": progress.elapsed})
-                progress.epoch, progress.batch, progress.epoch_losses = epoch + 1, 0, []
-                if wandb_run is not None:
-                    wandb_run.log({k: v for k, v in progress.rows[-1].items() if v is not None}, step=epoch)
-                reason = _divergence(cfg, task, data, progress, train_loss)
-                if reason is not None:
-                    status = "diverged"
-                    break
-                if train_loss < progress.best:
-                    progress.best, progress.best_epoch, progress.since_best = train_loss, epoch, 0
-                else:
-                    progress.since_best += 1
-                    if progress.since_best >= cfg.profile.patience:
+    def restore(self, state: dict, previous: dict | None) -> None:
+        """Continue from a checkpoint of this identity."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(_to_device(state["optimizer"], self.device))
+        self.data_gen.set_state(state["data_generator"])
+        self.progress.load(state["progress"])
+        p = self.progress
+        self.summary["resumes"] = int((previous or {}).get("resumes") or 0) + 1
+        self.summary["resumed_from_epoch"] = p.epoch - (0 if p.batch else 1)
+        print(f"[kfac2l] {self.out_dir}: resuming after epoch {self.summary['resumed_from_epoch']}"
+              + (f" (+{p.batch} batches)" if p.batch else ""), file=sys.stderr)
+
+    def checkpoint(self) -> None:
+        save_checkpoint(self.out_dir, {
+            "identity_id": self.ident, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "data_generator": self.data_gen.get_state(), "progress": self.progress.state(),
+        })
+
+    def _epoch(self, epoch: int, batches, stop, show: bool, t_start: float) -> float:
+        """Train one epoch (or its rest, after a mid-epoch checkpoint); the epoch's training loss.
+        Raises ``Interrupted`` after the current iteration when a stop signal has arrived."""
+        p, cfg = self.progress, self.cfg
+        if p.batch == 0:
+            p.epoch_data_state, p.epoch_losses = self.data_gen.get_state(), []
+        else:  # the same permutation as before the interruption, its first p.batch batches skipped
+            self.data_gen.set_state(p.epoch_data_state)
+        losses = [torch.tensor(v) for v in p.epoch_losses]
+        for k, (x, y) in enumerate(tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=not show)):
+            if k < p.batch:
+                continue
+            self.fisher_gen.manual_seed(fisher_seed(cfg.seed, p.iterations))
+            losses.append(training_step(self.model, self.optimizer, self.task, x, y, cfg.profile.fisher_fraction,
+                                        self.fisher_gen))
+            p.iterations += 1
+            if self.opts.get("diagnostics"):
+                p.diag_rows.append({"iteration": p.iterations, **self.optimizer.preconditioner.diagnostic_tensors})
+            if stop.signum is not None:
+                p.batch, p.epoch_losses, p.elapsed = k + 1, losses, time.perf_counter() - t_start
+                raise Interrupted
+        if p.start_loss is None:
+            p.start_loss = losses[0].item()
+        return torch.stack(losses).mean().item()  # one synchronisation per epoch
+
+    def _after_epoch(self, epoch: int, train_loss: float, t_start: float, wandb_run) -> str | None:
+        """Record the epoch; 'diverged' (with the reason in ``self.reason``), 'stop' (patience
+        exhausted) or None."""
+        p = self.progress
+        test_loss, test_acc = evaluate(self.model, self.task, self.data.x_test, self.data.y_test, self.device)
+        p.elapsed = time.perf_counter() - t_start
+        p.rows.append({"epoch": epoch, "iterations": p.iterations, "train_loss": train_loss, "test_loss": test_loss,
+                       "test_accuracy": test_acc, "wall_time": p.elapsed})
+        p.epoch, p.batch, p.epoch_losses = epoch + 1, 0, []
+        if wandb_run is not None:
+            wandb_run.log({k: v for k, v in p.rows[-1].items() if v is not None}, step=epoch)
+        self.reason = _divergence(self.cfg, self.task, self.data, p, train_loss)
+        if self.reason is not None:
+            return "diverged"
+        if train_loss < p.best:
+            p.best, p.best_epoch, p.since_best = train_loss, epoch, 0
+        else:
+            p.since_best += 1
+            if p.since_best >= self.cfg.profile.patience:
+                return "stop"
+        return None
+
+    def execute(self) -> dict:
+        """Train until the budget, early stopping or divergence; checkpoint every
+        ``checkpoint.every`` epochs and on SIGTERM/SIGUSR2; returns the summary."""
+        cfg, p = self.cfg, self.progress
+        atomic_write_text(self.out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        wandb_run = _wandb_init(cfg, self.summary, self.out_dir, self.ident)
+        batches = TensorBatches(self.data.x_train, self.data.y_train, cfg.experiment.batch_size, self.data_gen,
+                                self.device)
+        show = sys.stderr.isatty() if str(cfg.progress) == "auto" else str(cfg.progress).lower() == "true"
+        status, error, self.reason = "running", None, None
+        t_start = time.perf_counter() - p.elapsed
+        limit = max_epochs(cfg)
+        with StopRequest() as stop:
+            try:
+                self.recorder.write(p, status)
+                for epoch in tqdm(range(p.epoch, limit + 1), desc=cfg.optimizer.name, disable=not show,
+                                  initial=p.epoch - 1, total=limit):
+                    train_loss = self._epoch(epoch, batches, stop, show, t_start)
+                    outcome = self._after_epoch(epoch, train_loss, t_start, wandb_run)
+                    if outcome == "diverged":
+                        status = "diverged"
+                    if outcome is not None:
                         break
-                if stop.signum is not None:
-                    raise Interrupted
-                record(final=False)
-                if cfg.checkpoint.every and epoch % cfg.checkpoint.every == 0:
-                    checkpoint()
-            if status == "running":
-                status = "completed"
-        except Interrupted:
-            status = "interrupted"
-            checkpoint()
-        except KeyboardInterrupt:
-            status = "interrupted"
-            raise
-        except Exception as err:
-            # a numerical failure mid-run is a divergence; anything else is a bug: recorded, re-raised
-            status, error = ("diverged" if _numerical(err) else "failed"), f"{type(err).__name__}: {err}"
-            reason = "numerical failure" if status == "diverged" else None
-            if status == "failed":
-                raise
-        finally:
-            if status == "running":
+                    if stop.signum is not None:
+                        raise Interrupted
+                    self.recorder.write(p, status)
+                    if cfg.checkpoint.every and epoch % cfg.checkpoint.every == 0:
+                        self.checkpoint()
+                if status == "running":
+                    status = "completed"
+            except Interrupted:
                 status = "interrupted"
-            record(final=True)
-            if status in ("completed", "diverged") and not cfg.checkpoint.keep:
-                remove_checkpoint(out_dir)
-            if wandb_run is not None:
-                wandb_run.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
-                wandb_run.finish(exit_code=0 if status == "completed" else 1)
-        if status == "interrupted" and stop.signum is not None:
-            print(f"[kfac2l] {out_dir}: signal {stop.signum}; checkpointed after {progress.iterations} iterations",
-                  file=sys.stderr)
-            stop.__exit__()
-            stop.forward()
-    return summary
+                self.checkpoint()
+            except KeyboardInterrupt:
+                status = "interrupted"
+                raise
+            except Exception as err:
+                # a numerical failure mid-run is a divergence; anything else is a bug: recorded, re-raised
+                status, error = ("diverged" if _numerical(err) else "failed"), f"{type(err).__name__}: {err}"
+                self.reason = "numerical failure" if status == "diverged" else None
+                if status == "failed":
+                    raise
+            finally:
+                if status == "running":
+                    status = "interrupted"
+                self.recorder.write(p, status, error, self.reason)
+                if status in ("completed", "diverged") and not cfg.checkpoint.keep:
+                    remove_checkpoint(self.out_dir)
+                if wandb_run is not None:
+                    wandb_run.summary.update({k: v for k, v in self.summary.items() if isinstance(v, (int, float, str))})
+                    wandb_run.finish(exit_code=0 if status == "completed" else 1)
+            if status == "interrupted" and stop.signum is not None:
+                print(f"[kfac2l] {self.out_dir}: signal {stop.signum}; checkpointed after {p.iterations} iterations",
+                      file=sys.stderr)
+                stop.__exit__()
+                stop.forward()
+        return self.summary
 
 
 def _divergence(cfg, task, data: DataSplits, progress: Progress, train_loss: float) -> str | None:

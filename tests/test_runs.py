@@ -178,7 +178,7 @@ def test_device_without_gpu_and_unwritable_data_root(tmp_path):
         validate(_cfg([f"dataset.root={blocker / 'data'}"]))
     assert check_group_choices(["optimizer=kfac,kfak"]) == (
         "unknown optimizer 'kfak'; valid: adam, kfac, kry-nico, kry-residu, ngd, nico, previous, residu, sgd, "
-        "spectral, taylor")
+        "spectral, taylor, two-level")
 
 
 @pytest.mark.parametrize("args", [["experiment.batch_size=0"], ["optimizer=kfak"], ["+foo=1"]])

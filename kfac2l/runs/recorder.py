@@ -1,0 +1,63 @@
+"""A run in progress: what it has done so far (``Progress``, everything a checkpoint holds besides
+model and optimiser) and the writer of its record files (``RunRecorder``)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from kfac2l.runs.records import write_diagnostics, write_metrics, write_summary
+
+
+@dataclass
+class Progress:
+    """Epochs, iterations, metrics and early-stopping state of a run."""
+
+    epoch: int = 1                 # the epoch in progress (or next to start)
+    batch: int = 0                 # batches of that epoch already done (mid-epoch checkpoint)
+    epoch_losses: list = field(default_factory=list)
+    epoch_data_state: torch.Tensor | None = None  # data generator state at the start of `epoch`
+    iterations: int = 0
+    rows: list = field(default_factory=list)
+    diag_rows: list = field(default_factory=list)
+    best: float = math.inf
+    best_epoch: int = 0
+    since_best: int = 0
+    start_loss: float | None = None
+    above: int = 0                 # consecutive epochs above the divergence threshold
+    elapsed: float = 0.0
+
+    def state(self) -> dict:
+        """A plain dict (tensors, numbers, lists) for the checkpoint; diagnostics become floats."""
+        self.diag_rows = [{k: (float(v) if torch.is_tensor(v) else v) for k, v in r.items()} for r in self.diag_rows]
+        out = dict(self.__dict__)
+        out["epoch_losses"] = [float(v) for v in self.epoch_losses]
+        return out
+
+    def load(self, state: dict) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+class RunRecorder:
+    """Writes a run's summary.json, metrics.csv and diagnostics.csv (atomically) from its progress."""
+
+    def __init__(self, out_dir: Path, summary: dict):
+        self.out_dir = Path(out_dir)
+        self.summary = summary
+
+    def write(self, progress: Progress, status: str, error: str | None = None, reason: str | None = None) -> dict:
+        write_metrics(self.out_dir, progress.rows)
+        write_diagnostics(self.out_dir, progress.diag_rows)
+        self.summary.update({
+            "status": status, "error": error, "divergence_reason": reason,
+            "best_train_loss": progress.best if math.isfinite(progress.best) else None,
+            "best_epoch": progress.best_epoch, "epochs_run": len(progress.rows), "iterations": progress.iterations,
+            "final_train_loss": progress.rows[-1]["train_loss"] if progress.rows else None,
+            "wall_time": progress.elapsed, "complete": status in ("completed", "diverged"),
+        })
+        write_summary(self.out_dir, self.summary)
+        return self.summary
