@@ -382,21 +382,50 @@ def test_singular_coarse_operator_falls_back_without_nan():
     [("nicolaides", {}, 1), ("spectral", {}, 1), ("krylov-nicolaides", {}, 1), ("residual", {}, 2),
      ("krylov-residual", {}, 3), ("taylor", {"taylor_order": 3}, 4)],
 )
-def test_kronecker_solves_per_step_are_counted_honestly(monkeypatch, space, options, solves):
-    """``kronecker_solves`` (the bench's floor) equals the K^{-1} applications of a step between
-    inverse refreshes, counted on the real code."""
+@pytest.mark.parametrize("eigenbasis", ["never", "always"])
+def test_kronecker_solves_per_step_are_counted_honestly(monkeypatch, space, options, solves, eigenbasis):
+    """``kronecker_solves`` (the bench's floor) equals the dense passes of a step between inverse
+    refreshes (K^{-1} applications, rotations into and out of the eigenbasis), counted on the real
+    code: in the eigenbasis every per-step space costs two, whatever its polynomial order."""
     from kfac2l.curvature.kronecker import DampedKronecker
 
     calls = []
-    original = DampedKronecker.apply_inverse
-    monkeypatch.setattr(DampedKronecker, "apply_inverse", lambda self, u: calls.append(1) or original(self, u))
+    for method in ("apply_inverse", "rotate_in", "rotate_out"):
+        original = getattr(DampedKronecker, method)
+        monkeypatch.setattr(DampedKronecker, method,
+                            lambda self, u, original=original: calls.append(1) or original(self, u))
     p = Problem("mlp")
-    pre = kfac2l.TwoLevelKFAC(p.model, coarse_space=space, damping=LAM, cov_interval=5, inv_interval=5, **options)
+    pre = kfac2l.TwoLevelKFAC(p.model, coarse_space=space, damping=LAM, cov_interval=5, inv_interval=5,
+                              eigenbasis=eigenbasis, **options)
     p.run(pre)
     calls.clear()
     p.run(pre)
-    assert pre.kronecker_solves == solves
-    assert len(calls) == solves * len(pre.groups)
+    expected = 2 if (eigenbasis == "always" and not pre.space.static) else solves
+    assert pre.kronecker_solves == expected
+    assert len(calls) == expected * len(pre.groups)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "seq"])
+@pytest.mark.parametrize("space", ["residual", "krylov-residual", "taylor"])
+@pytest.mark.parametrize("mode", ["pi", "factor", "exact"])
+def test_eigenbasis_route_gives_the_dense_step(kind, space, mode):
+    """The polynomial spaces computed in the Kronecker eigenbasis (Linear groups; convolutions and
+    Linear layers on 3-D inputs keep the dense route) equal the dense construction, both
+    corrections, with the gap diagnostic."""
+    for correction in ("multiplicative", "additive"):
+        p = Problem(kind)
+        grad, fisher, kfac, data = p.dense(LAM, mode)
+        pre = kfac2l.TwoLevelKFAC(p.model, coarse_space=space, correction=correction, damping=LAM,
+                                  damping_mode=mode, eigenbasis="always", exact_reference=True, taylor_order=3)
+        step = p.run(pre)
+        assert kind != "mlp" or all(pre._rotated)
+        basis = dense.explicit_coarse_basis(space, p.model, data, kfac, fisher, grad, LAM, mode, taylor_order=3)
+        assert rel(step, dense.two_level_step(kfac, fisher, grad, basis, correction)) < 1e-9
+        exact = torch.linalg.solve(fisher, grad)
+        zk = torch.linalg.solve(kfac, grad)
+        e0, e1 = [((z - exact) @ fisher @ (z - exact)).item() for z in (zk, step)]
+        assert abs(pre.diagnostics["gap"] - (e1 - e0)) < 1e-9 * e0
+        assert abs(pre.diagnostics["dist_two_level"] - e1) < 1e-9 * e0
 
 
 def test_non_finite_coarse_operator_gives_zero_correction():

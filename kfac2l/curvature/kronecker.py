@@ -122,6 +122,21 @@ class DampedKronecker:
             return QG @ (rotated / self.denominator.unsqueeze(1)) @ QA.transpose(-1, -2)
         return self.G_inv.unsqueeze(1) @ u @ self.A_inv.unsqueeze(1)
 
+    def eigen_denominator(self) -> torch.Tensor:
+        """The eigenvalues of the damped block in its Kronecker eigenbasis, as (L, O, I):
+        K^{-1} u = QG ((QG^T MAT(u) QA) / D) QA^T for every damping mode."""
+        if self.mode == "exact":
+            return self.denominator
+        return self.dG.unsqueeze(-1) * self.dA.unsqueeze(-2)
+
+    def rotate_in(self, u: torch.Tensor) -> torch.Tensor:
+        """QG^T MAT(u) QA for u of shape (L, k, O, I): coordinates in the eigenbasis."""
+        return self.QG.transpose(-1, -2).unsqueeze(1) @ u @ self.QA.unsqueeze(1)
+
+    def rotate_out(self, u: torch.Tensor) -> torch.Tensor:
+        """QG MAT(u) QA^T: back from the eigenbasis."""
+        return self.QG.unsqueeze(1) @ u @ self.QA.transpose(-1, -2).unsqueeze(1)
+
     def apply_inverse_rank_one(self, basis):
         """[F_bullet KFAC]^{-1} (u w^T) = (G'^{-1} u)(A'^{-1} w)^T for ``RankOne`` columns in the
         pi/factor modes; None in ``exact`` mode, where the image is not rank-one."""
@@ -202,3 +217,18 @@ class FactorState:
     def load_state_dict(self, state: dict) -> None:
         self.decay, self.updates, self.locations = state["decay"], state["updates"], state["locations"]
         self.A, self.G = state["A"], state["G"]
+
+
+class DiagonalBlocks:
+    """K_i^{-1} in the Kronecker eigenbasis of the damped blocks: a division by their eigenvalues
+    D (L, O, I). Stands in for ``DampedKronecker`` when a computation runs in rotated coordinates
+    (``TwoLevelKFAC``'s polynomial spaces on Linear layers)."""
+
+    def __init__(self, denominator: torch.Tensor):
+        self.denominator = denominator
+
+    def apply_inverse(self, u: torch.Tensor) -> torch.Tensor:
+        return u / self.denominator.unsqueeze(1)
+
+    def apply_inverse_rank_one(self, basis):
+        return None

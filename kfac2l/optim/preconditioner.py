@@ -32,7 +32,7 @@ from kfac2l.curvature.fisher import (
     per_sample_projections,
     project,
 )
-from kfac2l.curvature.kronecker import DAMPING_MODES, DampedKronecker, FactorState, batch_factors
+from kfac2l.curvature.kronecker import DAMPING_MODES, DampedKronecker, DiagonalBlocks, FactorState, batch_factors
 from kfac2l.curvature.layers import (
     ForwardCapture,
     grad_matrix,
@@ -44,6 +44,7 @@ from kfac2l.curvature.likelihood import LIKELIHOODS, sample_targets, summed_nll
 from kfac2l.curvature.spaces import COARSE_SPACES, KRYLOV_STARTS, BasisContext, make_coarse_space
 
 KL_CLIP_FORMS = ("unscaled", "lr_squared")
+EIGENBASIS = ("auto", "always", "never")
 
 
 class UnpreconditionedWarning(UserWarning):
@@ -404,6 +405,32 @@ class KFAC(CurvaturePreconditioner):
         self._group_key = None if indices is None else tuple(tuple(i) for i in indices)
 
 
+class Frame:
+    """The coordinates a two-level step is computed in, group by group: the Kronecker eigenbasis
+    of the damped blocks (``rotate[i]``; K^{-1} is then a division, ``DiagonalBlocks``) or the
+    original ones. Per-sample vectors of rotated groups are rotated once, on first use."""
+
+    def __init__(self, kron, rotate: list[bool], groups):
+        self.kron, self.rotate = kron, rotate
+        self.ops = [DiagonalBlocks(k.eigen_denominator()) if r else k for k, r in zip(kron, rotate)]
+        self._source, self._groups = groups, None
+
+    @property
+    def groups(self) -> list[LayerGroup]:
+        if self._groups is None:
+            self._groups = [
+                LayerGroup(g.indices, torch.matmul(g.a, k.QA.unsqueeze(1)), torch.matmul(g.g, k.QG.unsqueeze(1)))
+                if r else g for g, k, r in zip(self._source(), self.kron, self.rotate)
+            ]
+        return self._groups
+
+    def into(self, u: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [k.rotate_in(x) if r else x for k, x, r in zip(self.kron, u, self.rotate)]
+
+    def out(self, u: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [k.rotate_out(x) if r else x for k, x, r in zip(self.kron, u, self.rotate)]
+
+
 class TwoLevelKFAC(KFAC):
     """Two-level KFAC: zeta_2L = zeta_KFAC + c R0^T beta (eqs. 3.9-3.15, 4.7).
 
@@ -415,6 +442,12 @@ class TwoLevelKFAC(KFAC):
         coarse_scale: c, scale of the correction (1 = the paper's method).
         taylor_order, krylov_start: options of the taylor and krylov-residual spaces (ignored by
             the others); ``coarse_options``: options of any other space.
+        eigenbasis: where a per-step space (residual, Krylov, Taylor) is computed for a group of
+            Linear layers on 2-D inputs: in the Kronecker eigenbasis of its damped blocks, where
+            K^{-1} is a division (the gradient rotated in once, the per-sample vectors rotated, the
+            step rotated out once: two dense passes for any polynomial order and damping mode);
+            'auto' (default) when the per-sample rotations, B (O^2 + I^2), cost less than the
+            dense passes they save, 'always', or 'never'. The step is the same either way.
 
     The coarse operator F_coarse = R0 F_bullet R0^T (3.12) and the residual are computed every
     step from the Fisher batch of that step, so the two are always consistent (unlike the authors'
@@ -430,9 +463,11 @@ class TwoLevelKFAC(KFAC):
         taylor_order: int = 2,
         krylov_start: str = "preconditioned",
         coarse_options: dict | None = None,
+        eigenbasis: str = "auto",
         **kwargs,
     ):
         _check_choice("coarse_space", coarse_space, tuple(COARSE_SPACES))
+        _check_choice("eigenbasis", eigenbasis, EIGENBASIS)
         _check_choice("correction", correction, CORRECTIONS)
         generic = {"taylor_order": taylor_order, "krylov_start": krylov_start}
         accepted = COARSE_SPACES[coarse_space].options
@@ -448,15 +483,21 @@ class TwoLevelKFAC(KFAC):
         self.coarse_scale = float(coarse_scale)
         self.taylor_order = int(taylor_order)
         self.krylov_start = krylov_start
+        self.eigenbasis = eigenbasis
         self.last_basis = None  # the coarse basis of the last step (for checks; a reference, no copy)
         self._static, self._static_for = None, None
 
     @property
     def kronecker_solves(self) -> int:
-        """K^{-1} grad, plus what the coarse space needs (``CoarseSpace.kronecker_solves``): none
-        for static bases (cached between refreshes), 1 for residual (K^{-1} r_KFAC, 3.32), 2 for
-        krylov-residual (3.29), q for taylor (3.38)."""
-        return 1 + self.space.kronecker_solves()
+        """Dense passes (two GEMMs per layer each) per step: K^{-1} grad plus what the coarse space
+        needs (``CoarseSpace.kronecker_solves``: none for static bases, cached between refreshes;
+        1 for residual, 3.32; 2 for krylov-residual, 3.29; q for taylor, 3.38), or 2 (rotate in,
+        rotate out) for the groups computed in the eigenbasis (see ``eigenbasis``)."""
+        dense = 1 + self.space.kronecker_solves()
+        rotated = getattr(self, "_rotated", None)
+        if rotated and any(rotated):  # eigenbasis: rotate in + rotate out
+            return max(2 if r else dense for r in rotated)
+        return dense
 
     def needs_curvature(self) -> bool:
         return True  # F_coarse and r_KFAC come from this step's Fisher batch
@@ -478,28 +519,47 @@ class TwoLevelKFAC(KFAC):
 
     def _direction(self, grads):
         """zeta_KFAC = K^{-1} g (2.29); the coarse system (R0^T, F_coarse, right-hand side) of
-        ``_coarse_system``; beta = F_coarse^{-1} rhs by Cholesky (3.11 / 4.7b); zeta_KFAC + c R0^T beta (3.9)."""
-        kron = self._inverses()
-        zeta_kfac = [k.apply_inverse(g) for k, g in zip(kron, grads)]
-        basis, op, rhs, residual = self._coarse_system(kron, grads, zeta_kfac)
+        ``_coarse_system``; beta = F_coarse^{-1} rhs by Cholesky (3.11 / 4.7b); zeta_KFAC + c R0^T beta
+        (3.9). Everything runs in the coordinates of ``_frame`` (the eigenbasis of the damped blocks
+        for the groups where that saves dense passes) and is rotated back at the end."""
+        frame = self._frame(self._inverses(), grads)
+        g = frame.into(grads)
+        zeta_kfac = [op.apply_inverse(x) for op, x in zip(frame.ops, g)]
+        basis, op, rhs, residual = self._coarse_system(frame, g, zeta_kfac)
         beta, failed = solve_coarse(op, rhs)
         beta = self.coarse_scale * beta
         zeta = [z + c for z, c in zip(zeta_kfac, prolong(basis, beta))]
         self.last_basis = basis
         if self.track_diagnostics:
-            self._record_gap(grads, zeta_kfac, basis, beta, op, residual)
+            self._record_gap(frame.groups, g, zeta_kfac, basis, beta, op, residual)
             self._diag["coarse_solve_fallbacks"] = failed
             if self.exact_reference:
-                self._record_exact(self._fresh_groups(), grads, {"kfac": zeta_kfac, "two_level": zeta})
-        return zeta
+                candidates = {"kfac": frame.out(zeta_kfac), "two_level": frame.out(zeta)}
+                self._record_exact(self._fresh_groups(), grads, candidates)
+        return frame.out(zeta)
 
-    def _coarse_system(self, kron, grads, zeta_kfac):
-        """(R0^T, F_coarse = R0 F_bullet R0^T, rhs, r_KFAC or None) with rhs = R0 r_KFAC
-        (multiplicative) or R0 g (additive), everything from this step's Fisher batch."""
+    def _frame(self, kron, grads) -> "Frame":
+        if self.space.static or self.eigenbasis == "never":
+            return Frame(kron, [False] * len(kron), self._fresh_groups)
+        saved = self.space.kronecker_solves() - 1  # dense passes the eigenbasis saves (residual: none)
         groups = self._fresh_groups()
+        rotate = []
+        for grp in groups:
+            linear = type(grp) is LayerGroup and grp.locations == 1
+            O, I = grp.shape
+            cheap = grp.batch * (O * O + I * I) < saved * O * I * (O + I)
+            rotate.append(linear and (self.eigenbasis == "always" or cheap))
+        self._rotated = rotate
+        return Frame(kron, rotate, lambda: groups)
+
+    def _coarse_system(self, frame: "Frame", grads, zeta_kfac):
+        """(R0^T, F_coarse = R0 F_bullet R0^T, rhs, r_KFAC or None) with rhs = R0 r_KFAC
+        (multiplicative) or R0 g (additive), everything from this step's Fisher batch, in the
+        frame's coordinates."""
+        groups = frame.groups
         lam = self.damping
         if self.space.static:  # R0 r from the per-sample projections P, without forming r
-            basis, gram = self._static_basis(kron, grads)
+            basis, gram = self._static_basis(frame.kron, grads)
             proj = per_sample_projections(groups, basis)
             op = coarse_operator(groups, basis, lam, projections=proj, gram=gram)
             rhs = restrict64(basis, grads)
@@ -512,18 +572,18 @@ class TwoLevelKFAC(KFAC):
             return basis, op, rhs, None
         # residual spaces: rebuilt every step from r_KFAC = g - F_bullet zeta_KFAC
         residual = [g - f for g, f in zip(grads, fisher_vector_product(groups, zeta_kfac, lam))]
-        ctx = BasisContext(kron, self._shapes(grads), grads[0], grad=grads, residual=residual,
-                           precond_residual=[k.apply_inverse(r) for k, r in zip(kron, residual)],
+        ctx = BasisContext(frame.ops, self._shapes(grads), grads[0], grad=grads, residual=residual,
+                           precond_residual=[k.apply_inverse(r) for k, r in zip(frame.ops, residual)],
                            fvp=lambda u: fisher_vector_product(groups, u, lam))
         basis = self.space.basis(ctx)
         op = coarse_operator(groups, basis, lam)
         rhs = restrict(basis, residual if self.correction == "multiplicative" else grads).double()
         return basis, op, rhs, residual
 
-    def _record_gap(self, grads, zeta_kfac, basis, beta, op, residual) -> None:
+    def _record_gap(self, groups, grads, zeta_kfac, basis, beta, op, residual) -> None:
         """E(beta) - E(0) = <F_coarse beta, beta> - 2 <R0^T beta, r_KFAC> (eq. 4.6), with the exact
-        F_coarse of the Fisher batch (``op`` must be it; PREVIOUS passes the exact one here)."""
-        groups = self._fresh_groups()
+        F_coarse of the Fisher batch (``op`` must be it; PREVIOUS passes the exact one here); in
+        the coordinates of ``groups`` (the quantity is invariant under the frame's rotations)."""
         if residual is None:
             fz = fisher_vector_product(groups, zeta_kfac, self.damping)
             residual = [g - f for g, f in zip(grads, fz)]
@@ -587,8 +647,8 @@ class PreviousKFAC(TwoLevelKFAC):
             self._static, self._static_for = (basis, diagonal, scale), kron
         return self._static
 
-    def _coarse_system(self, kron, grads, zeta_kfac):
-        basis, diagonal, scale = self._static_basis(kron, grads)
+    def _coarse_system(self, frame, grads, zeta_kfac):
+        basis, diagonal, scale = self._static_basis(frame.kron, grads)
         op = kronecker_coarse_operator(*self._cross, diagonal) * scale[:, None] * scale[None, :]
         if self.correction == "multiplicative":
             groups = self._fresh_groups()
@@ -596,9 +656,9 @@ class PreviousKFAC(TwoLevelKFAC):
             return basis, op, restrict(basis, residual).double(), residual
         return basis, op, restrict(basis, grads).double(), None
 
-    def _record_gap(self, grads, zeta_kfac, basis, beta, op, residual) -> None:
-        exact = coarse_operator(self._fresh_groups(), basis, self.damping)
-        super()._record_gap(grads, zeta_kfac, basis, beta, exact, residual)
+    def _record_gap(self, groups, grads, zeta_kfac, basis, beta, op, residual) -> None:
+        exact = coarse_operator(groups, basis, self.damping)
+        super()._record_gap(groups, grads, zeta_kfac, basis, beta, exact, residual)
 
 
 class ExactNGD(CurvaturePreconditioner):

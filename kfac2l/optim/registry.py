@@ -47,7 +47,8 @@ OPTIMIZERS = tuple(REGISTRY)
 _COMMON = {"lr", "weight_decay", "momentum", "nesterov"}
 _CURVATURE = {"damping", "kl_clip", "kl_clip_form", "diagnostics", "exact_reference", "exclude", "warn_skipped"}
 _KFAC = {"damping_mode", "ema_decay", "ema_count", "freeze_factors", "cov_interval", "inv_interval"}
-_TWO_LEVEL = {"coarse_space", "correction", "coarse_scale", "taylor_order", "krylov_start", "coarse_options"}
+_TWO_LEVEL = {"coarse_space", "correction", "coarse_scale", "taylor_order", "krylov_start", "coarse_options",
+              "eigenbasis"}
 _ADAM = {"lr", "weight_decay", "betas", "eps"}
 
 
