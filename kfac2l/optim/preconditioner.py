@@ -405,6 +405,12 @@ class KFAC(CurvaturePreconditioner):
         self._group_key = None if indices is None else tuple(tuple(i) for i in indices)
 
 
+def _rotate_rows(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """x (L, B, T, n) times q (L, n, n) as one batched GEMM per layer (no broadcast copies)."""
+    L, B, T, n = x.shape
+    return torch.matmul(x.reshape(L, B * T, n), q).reshape(L, B, T, n)
+
+
 class Frame:
     """The coordinates a two-level step is computed in, group by group: the Kronecker eigenbasis
     of the damped blocks (``rotate[i]``; K^{-1} is then a division, ``DiagonalBlocks``) or the
@@ -419,8 +425,8 @@ class Frame:
     def groups(self) -> list[LayerGroup]:
         if self._groups is None:
             self._groups = [
-                LayerGroup(g.indices, torch.matmul(g.a, k.QA.unsqueeze(1)), torch.matmul(g.g, k.QG.unsqueeze(1)))
-                if r else g for g, k, r in zip(self._source(), self.kron, self.rotate)
+                LayerGroup(g.indices, _rotate_rows(g.a, k.QA), _rotate_rows(g.g, k.QG)) if r else g
+                for g, k, r in zip(self._source(), self.kron, self.rotate)
             ]
         return self._groups
 
