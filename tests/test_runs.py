@@ -335,3 +335,32 @@ def test_failed_checkpoint_write_names_the_path_and_keeps_the_previous(tmp_path,
     monkeypatch.undo()
     assert load_checkpoint(tmp_path)["identity_id"] == "a"
     assert [p.name for p in tmp_path.iterdir()] == [CHECKPOINT]  # no temporary file left behind
+
+
+def test_figure4_pipeline_grid_select_three_seeds_and_bands(data_root, tmp_path):
+    """What `make demo` runs, on fixture data: a grid for a selection budget, selection, final runs
+    with 3 seeds (diagnostics on the first only), Figures 4-6 with seed bands, README tables."""
+    from kfac2l.reproduce import main
+
+    code = main(["--figure", "4", "--panels", "deep_linear_a", "--profile", "quick", "--grid", "demo",
+                 "--grid-epochs", "1", "--seeds", "1", "2", "3", "--extra-figures", "5", "6",
+                 "--results", str(tmp_path), "--data", str(data_root),
+                 "--set", "dataset.download=false", "experiment.batch_size=32", "profile.train_subset=160",
+                 "profile.test_subset=16", "profile.max_epochs=2", "profile.curvature_interval=2"])
+    assert code == 0
+    best = pd.read_csv(tmp_path / "tables" / "quick" / "deep_linear_a" / "best_settings.csv")
+    assert set(best["budget"]) == {"max_epochs=1,patience=10,train_subset=160,batch_size=32"}
+    final = tmp_path / "final" / "quick" / "deep_linear_a"
+    summaries = [json.loads(p.read_text()) for p in final.rglob("summary.json")]
+    assert {s["seed"] for s in summaries} == {1, 2, 3}
+    assert all(s["max_epochs"] == 2 for s in summaries)  # finals: the profile's epochs, not the grid's
+    with_diag = {(s["optimizer"], s["seed"]) for s in summaries if s["options"].get("diagnostics")}
+    assert with_diag and {seed for _, seed in with_diag} == {1}
+    figure = pd.read_csv(tmp_path / "figures" / "quick" / "figure4.csv")
+    kfac = figure[figure["optimizer"] == "kfac"]
+    assert {"low", "high", "seeds"} <= set(figure.columns) and (kfac["seeds"] == 3).all()
+    assert (kfac["low"] <= kfac["train_loss"]).all() and (kfac["train_loss"] <= kfac["high"]).all()
+    from kfac2l.report import final_table
+
+    table = final_table(tmp_path, "quick", "deep_linear_a")
+    assert "selected on the first 1 epochs" in table and "seeds 1, 2, 3" in table
