@@ -16,15 +16,15 @@ def _runs(root: Path):
 
 
 def _load_runs(root: str | Path, filename: str, keys: tuple[str, ...]) -> pd.DataFrame:
-    """``filename`` (CSV) of every finished run under ``root``, with the summary's ``keys`` added."""
+    """``filename`` (CSV, or its ``.gz`` copy) of every finished run under ``root``, with the
+    summary's ``keys`` added."""
     frames = []
-    for run_dir, summary in _runs(root):
-        path = run_dir / filename
-        if not path.exists():
+    for record in iter_runs(root):
+        frame = record.read_csv(filename)
+        if frame is None:
             continue
-        frame = pd.read_csv(path)
         for key in keys:
-            frame[key] = summary.get(key)
+            frame[key] = record.summary.get(key)
         frames.append(frame)
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 

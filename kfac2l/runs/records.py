@@ -33,8 +33,11 @@ class RunRecord:
         return bool(self.summary.get("complete"))
 
     def read_csv(self, name: str) -> pd.DataFrame | None:
-        path = self.path / name
-        return pd.read_csv(path) if path.exists() else None
+        """``name`` (or its gzipped copy ``name.gz``, as committed for large diagnostics), or None."""
+        for path in (self.path / name, self.path / f"{name}.gz"):
+            if path.exists():
+                return pd.read_csv(path)
+        return None
 
 
 def read_summary(run_dir: str | Path) -> dict | None:
