@@ -118,6 +118,7 @@ def default_seeds(profile: str) -> list[int]:
     return [1, 2, 3] if profile == "paper" else [1]
 
 
+SMOOTH = 101  # iterations of the running median of Figure 6
 BN_NOTE = "; with BatchNorm, F is the pseudo-Fisher of the per-sample losses through batch statistics"
 
 
@@ -320,15 +321,21 @@ def plot_distance_figure(figure: int, panels: list[str], root: Path, out: Path, 
         mean = diag.groupby(["optimizer", "iteration"])[["dist_kfac", "dist_two_level"]].mean().reset_index()
         mean["ratio"] = mean["dist_two_level"] / mean["dist_kfac"]
         for opt in [o for o in TWO_LEVEL if o in set(mean["optimizer"])]:
-            sub = mean[mean["optimizer"] == opt].sort_values("iteration")
-            top.plot(sub["iteration"], sub["dist_kfac"], color=COLORS[opt], lw=0.8, ls="--")
-            top.plot(sub["iteration"], sub["dist_two_level"], color=COLORS[opt], lw=1.2, label=LABELS[opt])
-            bottom.plot(sub["iteration"], sub["ratio"], color=COLORS[opt], lw=1.2, label=LABELS[opt])
+            sub = mean[mean["optimizer"] == opt].sort_values("iteration").copy()
+            # per-iteration values scatter over decades: running medians (centred, window SMOOTH)
+            for col in ("dist_kfac", "dist_two_level", "ratio"):
+                sub[f"{col}_median"] = sub[col].rolling(SMOOTH, center=True, min_periods=1).median()
+            style = {"color": COLORS[opt], "ls": LINESTYLES[opt]}
+            top.plot(sub["iteration"], sub["dist_kfac_median"], color=COLORS[opt], lw=0.8, ls=":", alpha=0.8)
+            top.plot(sub["iteration"], sub["dist_two_level_median"], lw=1.2, label=LABELS[opt], **style)
+            bottom.plot(sub["iteration"], sub["ratio_median"], lw=1.2, label=LABELS[opt], **style)
             plotted.append(sub.assign(panel=name))
         top.set_yscale("log")
         bottom.set_yscale("log")
-        top.legend(fontsize=7, title="solid: two-level, dashed: KFAC", title_fontsize=7)
-    _title(fig, f"Figure {figure}: true squared F-distance to the exact natural-gradient step{BN_NOTE} - "
+        top.legend(fontsize=7, title="two-level (dotted: KFAC on the same run)", title_fontsize=7)
+        bottom.legend(fontsize=7)
+    _title(fig, f"Figure {figure}: true squared F-distance to the exact natural-gradient step, running median over "
+                f"{SMOOTH} iterations{BN_NOTE} - "
                 f"{_provenance(frames, profile)}")
     fig.tight_layout(rect=(0, 0, 1, 0.92))
     return _save(fig, out, figure, plotted, [])
