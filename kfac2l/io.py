@@ -57,14 +57,18 @@ def atomic_write_csv(path: str | Path, frame: pd.DataFrame) -> None:
 
 
 def git_commit() -> str | None:
-    """The current git commit of the kfac2l checkout (with '+dirty' if modified), or None."""
+    """The current git commit of the kfac2l checkout, with '+dirty' if tracked files outside
+    ``results/`` are modified (result files are outputs: a run that rewrites the committed
+    results does not make the code dirty), or None outside a git checkout."""
     here = Path(__file__).resolve().parent
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
         if sha.returncode != 0:
             return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=here, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results"],
+                               cwd=top, capture_output=True, text=True, timeout=10).stdout.strip()
         return sha.stdout.strip() + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return None

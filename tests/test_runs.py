@@ -364,3 +364,28 @@ def test_figure4_pipeline_grid_select_three_seeds_and_bands(data_root, tmp_path)
 
     table = final_table(tmp_path, "quick", "deep_linear_a")
     assert "selected on the first 1 epochs" in table and "seeds 1, 2, 3" in table
+
+
+def test_git_commit_is_dirty_for_code_not_for_results(tmp_path):
+    """Result files are outputs: rewriting committed results does not mark runs '+dirty'."""
+    from kfac2l import io
+
+    repo = tmp_path / "repo"
+    (repo / "kfac2l").mkdir(parents=True)
+    (repo / "results").mkdir()
+    for path in (repo / "kfac2l" / "io.py", repo / "results" / "table.csv"):
+        path.write_text("a\n")
+    run = {"cwd": repo, "check": True, "capture_output": True}
+    subprocess.run(["git", "init", "-q"], **run)
+    subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "add", "."], **run)
+    subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "x"], **run)
+    fake = repo / "kfac2l" / "io.py"
+    original = io.__file__
+    try:
+        io.__file__ = str(fake)
+        (repo / "results" / "table.csv").write_text("b\n")
+        assert not io.git_commit().endswith("+dirty")
+        fake.write_text("b\n")
+        assert io.git_commit().endswith("+dirty")
+    finally:
+        io.__file__ = original
