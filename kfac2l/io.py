@@ -53,6 +53,14 @@ def atomic_write_json(path: str | Path, data: dict) -> None:
 
 
 def atomic_write_csv(path: str | Path, frame: pd.DataFrame) -> None:
+    """A CSV written atomically; a path ending in ``.gz`` is gzip-compressed (pandas reads both)."""
+    path = Path(path)
+    if path.suffix == ".gz":
+        import gzip
+
+        data = gzip.compress(frame.to_csv(index=False, float_format="%.7g").encode(), mtime=0)
+        atomic_write(path, lambda fh: fh.write(data))
+        return
     atomic_write_text(path, frame.to_csv(index=False))
 
 

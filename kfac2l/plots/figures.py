@@ -343,7 +343,9 @@ def plot_distance_figure(figure: int, panels: list[str], root: Path, out: Path, 
 
 def _save(fig, out: Path, figure: int, plotted: list[pd.DataFrame], summaries: list[pd.DataFrame]) -> dict:
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"figure": out / f"figure{figure}.png", "data": out / f"figure{figure}.csv"}
+    # per-iteration data (Figures 5, 6) run to megabytes: gzipped
+    data_name = f"figure{figure}.csv.gz" if figure in (5, 6) else f"figure{figure}.csv"
+    paths = {"figure": out / f"figure{figure}.png", "data": out / data_name}
     tmp = out / f".figure{figure}.tmp.png"
     fig.savefig(tmp, dpi=120)
     tmp.replace(paths["figure"])
