@@ -169,6 +169,48 @@ def test_fisher_vector_product_matches_dense(kind):
 
 
 @pytest.mark.parametrize("kind", ["mlp", "cnn", "seq"])
+def test_scaled_fisher_product_hands_back_the_projections(kind):
+    """s F_bullet u with s a device scalar, and the per-layer J_i^T u[i] it computed on the way,
+    against the dense F and the per-sample gradients' Gram of (A5-A6)."""
+    from kfac2l.curvature.fisher import fisher_product_and_projections, per_sample_projections
+
+    fisher, groups, slices = _dense_fisher_and_groups(kind)
+    u = torch.randn(2, fisher.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    layered = dense.to_layered(groups, slices, u)
+    out, proj = fisher_product_and_projections(groups, layered, LAM, torch.tensor(0.25, dtype=torch.float64))
+    assert rel(dense.from_layered(groups, slices, out, fisher.shape[0]), 0.25 * u @ fisher.T) < 1e-12
+    # J^T u summed over layers: (1/B) ||J^T u||^2 + lambda ||u||^2 = u^T F_bullet u
+    jtu = sum(p.sum(0) for p in proj)
+    quad = (jtu * jtu).sum(-1) / groups[0].batch + LAM * (u * u).sum(-1)
+    assert rel(quad, ((u @ fisher) * u).sum(-1)) < 1e-12
+    # known projections of the first column: the coarse operator's P is unchanged
+    basis = [x.clone() for x in layered]
+    known = [p[:, :1] for p in proj]
+    full = per_sample_projections(groups, basis)
+    assert rel(per_sample_projections(groups, basis, known=known), full) < 1e-14
+    assert rel(per_sample_projections(groups, basis, known=proj), full) < 1e-14
+
+
+@pytest.mark.parametrize("order", [2, 3])
+def test_taylor_projects_each_column_once(monkeypatch, order):
+    """A Taylor step of order q projects (J^T) q + 1 layered vectors per group: zeta_KFAC (for
+    r_KFAC) and w_1 .. w_q; the products F_bullet w_j hand their projections to the coarse
+    operator (without that, 2 q)."""
+    from kfac2l.curvature.fisher import LayerGroup
+
+    calls = []
+    original = LayerGroup.project
+    monkeypatch.setattr(LayerGroup, "project", lambda self, u: calls.append(u.shape[1]) or original(self, u))
+    p = Problem("mlp")
+    pre = kfac2l.TwoLevelKFAC(p.model, coarse_space="taylor", taylor_order=order, damping=LAM, cov_interval=5,
+                              inv_interval=5, eigenbasis="always")
+    p.run(pre)
+    calls.clear()
+    p.run(pre)
+    assert sum(calls) == (order + 1) * len(pre.groups)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "seq"])
 def test_coarse_operator_matches_dense(kind):
     """F_coarse = R0 F_bullet R0^T including the lambda V_i^T V_j terms (A15-A16)."""
     fisher, groups, slices = _dense_fisher_and_groups(kind)
@@ -393,7 +435,7 @@ def test_kronecker_solves_per_step_are_counted_honestly(monkeypatch, space, opti
     for method in ("apply_inverse", "rotate_in", "rotate_out"):
         original = getattr(DampedKronecker, method)
         monkeypatch.setattr(DampedKronecker, method,
-                            lambda self, u, original=original: calls.append(1) or original(self, u))
+                            lambda self, u, original=original, **kw: calls.append(1) or original(self, u, **kw))
     p = Problem("mlp")
     pre = kfac2l.TwoLevelKFAC(p.model, coarse_space=space, damping=LAM, cov_interval=5, inv_interval=5,
                               eigenbasis=eigenbasis, **options)

@@ -66,8 +66,8 @@ def restrict(vectors: list[Basis], u: list[torch.Tensor]) -> torch.Tensor:
         if isinstance(vg, RankOne):  # left^T MAT(u) right
             ur = torch.matmul(ug[:, 0], vg.right.transpose(1, 2))  # (L, O, k)
             parts.append((vg.left.transpose(1, 2) * ur).sum(1).reshape(-1))
-        else:
-            parts.append((vg * ug).flatten(2).sum(-1).reshape(-1))
+        else:  # one GEMV per layer: no (L, k, O, I) temporary
+            parts.append(torch.matmul(vg.flatten(2), ug.flatten(2).transpose(1, 2)).reshape(-1))
     return torch.cat(parts)
 
 
@@ -88,8 +88,9 @@ def prolong(vectors: list[Basis], beta: torch.Tensor) -> list[torch.Tensor]:
         if isinstance(vg, RankOne):  # sum_k beta_k left_k right_k^T
             left = vg.left * b.to(vg.left.dtype).unsqueeze(-1)
             out.append(torch.matmul(left.transpose(1, 2), vg.right).unsqueeze(1))
-        else:
-            out.append((vg * b.reshape(L, k, 1, 1).to(vg.dtype)).sum(1, keepdim=True))
+        else:  # one GEMV per layer: no (L, k, O, I) temporary
+            mixed = torch.matmul(b.reshape(L, 1, k).to(vg.dtype), vg.flatten(2))
+            out.append(mixed.reshape(L, 1, *vg.shape[2:]))
         offset += L * k
     return out
 
@@ -98,9 +99,14 @@ def _unit(norm: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.where(norm > eps, norm, torch.ones_like(norm)).unsqueeze(-1)
 
 
-def normalize_columns(v: Basis, eps: float = 1e-30) -> Basis:
+def normalize_columns(v: Basis, eps: float = 1e-30, return_norms: bool = False):
     """Scale each column MAT(V_i[:, k]) of a (L, k, O, I) or rank-one basis to unit norm
-    (zero stays zero). The span, hence the two-level step, is unchanged."""
+    (zero stays zero). The span, hence the two-level step, is unchanged. ``return_norms``: also
+    the divisors (L, k)."""
     if isinstance(v, RankOne):
-        return RankOne(v.left / _unit(v.left.norm(dim=-1), eps), v.right / _unit(v.right.norm(dim=-1), eps))
-    return v / _unit(v.flatten(2).norm(dim=-1), eps).unsqueeze(-1)
+        left, right = _unit(v.left.norm(dim=-1), eps), _unit(v.right.norm(dim=-1), eps)
+        unit, norms = RankOne(v.left / left, v.right / right), (left * right).squeeze(-1)
+    else:  # multiply by the (L, k) reciprocals: a division per entry costs more on a CPU
+        norms = _unit(v.flatten(2).norm(dim=-1), eps)
+        unit, norms = v * norms.reciprocal().unsqueeze(-1), norms.squeeze(-1)
+    return (unit, norms) if return_norms else unit

@@ -255,24 +255,47 @@ def jt(groups: list[LayerGroup], u: list[torch.Tensor]) -> torch.Tensor:
     return sum(project(grp, ug).sum(0) for grp, ug in zip(groups, u))
 
 
+def fisher_product_and_projections(
+    groups: list[LayerGroup], u: list[torch.Tensor], damping: float, scale: float | torch.Tensor = 1.0
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """scale * F_bullet u (A1, A3) and, on the way, the per-layer projections J_i^T u[i] (A5-A6),
+    (L, k, B) per group: the coarse operator of a basis containing u needs them again (3.21).
+    ``scale`` costs nothing: it multiplies the (k, B) vector J^T u / B, not a layered vector."""
+    batch = groups[0].batch
+    projections = [project(grp, ug) for grp, ug in zip(groups, u)]
+    v = sum(p.sum(0) for p in projections) * (scale / batch)
+    if isinstance(scale, torch.Tensor):  # a device scalar: no host synchronisation
+        out = [combine(grp, v).addcmul_(ug, scale.to(ug.dtype), value=damping) for grp, ug in zip(groups, u)]
+    else:
+        out = [combine(grp, v).add_(ug, alpha=damping * scale) for grp, ug in zip(groups, u)]
+    return out, projections
+
+
 def fisher_vector_product(
     groups: list[LayerGroup], u: list[torch.Tensor], damping: float
 ) -> list[torch.Tensor]:
     """F_bullet u = (1/B) J J^T u + lambda u (A1, A3) for a layered vector with k columns."""
-    batch = groups[0].batch
-    v = jt(groups, u) / batch
-    return [combine(grp, v) + damping * ug for grp, ug in zip(groups, u)]
+    return fisher_product_and_projections(groups, u, damping)[0]
 
 
-def per_sample_projections(groups: list[LayerGroup], vectors: list[Basis]) -> torch.Tensor:
+def per_sample_projections(
+    groups: list[LayerGroup], vectors: list[Basis], known: list[torch.Tensor] | None = None
+) -> torch.Tensor:
     """P = J^T R0^T in R^{B x m} for a block-diagonal coarse basis (eq. 3.21).
 
     vectors[grp]: (L, k, O, I) or ``RankOne``, column k of layer l's block V_l. Columns are
-    ordered group by group, layer by layer, k fastest.
+    ordered group by group, layer by layer, k fastest. ``known[grp]`` (L, k0, B): the projections
+    of the first k0 columns of each group, already computed (only the others are projected).
     """
     cols = []
-    for grp, vg in zip(groups, vectors):
-        p = project_rank_one(grp, vg) if isinstance(vg, RankOne) else project(grp, vg)
+    for n, (grp, vg) in enumerate(zip(groups, vectors)):
+        done = known[n] if known is not None else None
+        if done is not None and done.shape[1] == vg.shape[1]:
+            p = done
+        elif done is not None:
+            p = torch.cat([done, project(grp, vg[:, done.shape[1]:])], dim=1)
+        else:
+            p = project_rank_one(grp, vg) if isinstance(vg, RankOne) else project(grp, vg)
         cols.append(p.reshape(-1, grp.batch))
     return torch.cat(cols, dim=0).T
 

@@ -47,15 +47,27 @@ class BasisContext:
     """What ``CoarseSpace.build`` may use. ``shapes``: (L, O, I) per layer group. The per-step
     fields are set for non-static spaces only: ``grad`` the gradient g, ``residual`` r_KFAC and
     ``precond_residual`` K^{-1} r_KFAC as layered vectors (one column, (L, 1, O, I) per group),
-    ``fvp`` the F_bullet product on the Fisher batch."""
+    ``fvp`` the F_bullet product on the Fisher batch; ``fisher_projected(u, scale)`` the same,
+    scaled, with the per-layer projections J_i^T u[i] (L, k, B) per group, which a space may hand
+    back in ``known_projections`` for the first k0 columns of each group's basis (the coarse
+    operator then projects only the others; see ``Taylor``)."""
 
     kron: list[DampedKronecker]
     shapes: list[tuple[int, int, int]]
     like: torch.Tensor
     grad: Layered | None = None
     residual: Layered | None = None
-    precond_residual: Layered | None = None
     fvp: Callable[[Layered], Layered] | None = None
+    fisher_projected: Callable[..., tuple[Layered, Layered]] | None = None
+    known_projections: Layered | None = None
+    _precond_residual: Layered | None = None
+
+    @property
+    def precond_residual(self) -> Layered:
+        """K^{-1} r_KFAC, computed on first use (a space that writes it elsewhere skips it)."""
+        if self._precond_residual is None:
+            self._precond_residual = [k.apply_inverse(r) for k, r in zip(self.kron, self.residual)]
+        return self._precond_residual
 
     def ones(self, L: int, O: int, I: int) -> RankOne:
         """The all-ones matrix of each layer as a rank-one column."""
@@ -111,8 +123,17 @@ class CoarseSpace:
         return None
 
     def basis(self, ctx: BasisContext) -> list[Basis]:
-        """``build`` with unit-norm columns."""
-        return [normalize_columns(v) for v in self.build(ctx)]
+        """``build`` with unit-norm columns (``ctx.known_projections`` rescaled to match)."""
+        ctx.known_projections = None
+        built = self.build(ctx)
+        out, known = [], ctx.known_projections
+        for n, v in enumerate(built):
+            unit, norms = normalize_columns(v, return_norms=True)
+            out.append(unit)
+            if known is not None and known[n] is not None:
+                k0 = known[n].shape[1]
+                known[n] = known[n] / norms[:, :k0, None].to(known[n].dtype)
+        return out
 
 
 COARSE_SPACES: dict[str, type[CoarseSpace]] = {}
@@ -233,8 +254,16 @@ class KrylovResidual(CoarseSpace):
         return 2
 
     def build(self, ctx):
-        start = ctx.precond_residual if self.settings["krylov_start"] == "preconditioned" else ctx.residual
-        return [_krylov(k, v) for k, v in zip(ctx.kron, start)]
+        # both columns written into one (L, 2, O, I) tensor (no normalisation: a per-step basis is
+        # scaled on the small system, and K^{-1} is linear, so the span is that of (3.29))
+        bases = [r.new_empty(r.shape[0], 2, *r.shape[2:]) for r in ctx.residual]
+        for k, r, v in zip(ctx.kron, ctx.residual, bases):
+            if self.settings["krylov_start"] == "preconditioned":
+                k.apply_inverse(r, out=v[:, :1])
+            else:
+                v[:, :1].copy_(r)
+            k.apply_inverse(v[:, :1], out=v[:, 1:])
+        return bases
 
     def explicit(self, ctx):
         raw = self.settings["krylov_start"] == "raw"
@@ -262,14 +291,26 @@ class Taylor(CoarseSpace):
         return self.settings["taylor_order"]
 
     def build(self, ctx):
-        columns = [list(ctx.precond_residual)]
-        for _ in range(self.settings["taylor_order"] - 1):
+        q = self.settings["taylor_order"]
+        # the q columns of each group are written into one (L, q, O, I) tensor as they come
+        bases = [r.new_empty(r.shape[0], q, *r.shape[2:]) for r in ctx.residual]
+        for k, r, v in zip(ctx.kron, ctx.residual, bases):
+            k.apply_inverse(r, out=v[:, :1])  # w_1 = K^{-1} r_KFAC
+        known = None
+        for j in range(1, q):
+            last = [v[:, j - 1 : j] for v in bases]
             # F_bullet mixes layers: scale by the global norm only, never layer by layer, or the
-            # span would change
-            norm = sum(c.pow(2).sum() for c in columns[-1]).sqrt().clamp_min(1e-30)
-            fw = ctx.fvp([c / norm for c in columns[-1]])
-            columns.append([k.apply_inverse(x) for k, x in zip(ctx.kron, fw)])
-        return [torch.cat(cols, dim=1) for cols in zip(*columns)]
+            # span would change; the scale rides on the (k, B) vector inside the product
+            norm = torch.stack([torch.linalg.vector_norm(c) for c in last]).norm().clamp_min(1e-30)
+            if ctx.fisher_projected is None:
+                fw = ctx.fvp([c / norm for c in last])
+            else:
+                fw, proj = ctx.fisher_projected(last, 1.0 / norm)
+                known = proj if known is None else [torch.cat([k, p], dim=1) for k, p in zip(known, proj)]
+            for k, x, v in zip(ctx.kron, fw, bases):
+                k.apply_inverse(x, out=v[:, j : j + 1])
+        ctx.known_projections = known  # J^T of w_1 .. w_{q-1}, from the products above
+        return bases
 
     def explicit(self, ctx):
         vs, w = [], ctx.precond_residual

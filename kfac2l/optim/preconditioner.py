@@ -27,6 +27,7 @@ from kfac2l.curvature.fisher import (
     capture_groups,
     coarse_operator,
     fisher_norm_sq,
+    fisher_product_and_projections,
     fisher_vector_product,
     layered_dot,
     per_sample_projections,
@@ -411,14 +412,21 @@ def _rotate_rows(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return torch.matmul(x.reshape(L, B * T, n), q).reshape(L, B, T, n)
 
 
+def _column_scales(gram: torch.Tensor) -> torch.Tensor:
+    """1 / ||V[:, j]|| from the block Gram's diagonal (float64; zero columns keep scale 1, as
+    ``normalize_columns`` leaves them zero)."""
+    norms = torch.diagonal(gram).double().clamp_min(0).sqrt()
+    return torch.where(norms > 1e-30, norms, torch.ones_like(norms)).reciprocal()
+
+
 class Frame:
     """The coordinates a two-level step is computed in, group by group: the Kronecker eigenbasis
-    of the damped blocks (``rotate[i]``; K^{-1} is then a division, ``DiagonalBlocks``) or the
+    of the damped blocks (``rotate[i]``; K^{-1} is then a product with 1/D, ``DiagonalBlocks``) or the
     original ones. Per-sample vectors of rotated groups are rotated once, on first use."""
 
     def __init__(self, kron, rotate: list[bool], groups):
         self.kron, self.rotate = kron, rotate
-        self.ops = [DiagonalBlocks(k.eigen_denominator()) if r else k for k, r in zip(kron, rotate)]
+        self.ops = [DiagonalBlocks(k.eigen_reciprocal()) if r else k for k, r in zip(kron, rotate)]
         self._source, self._groups = groups, None
 
     @property
@@ -531,8 +539,12 @@ class TwoLevelKFAC(KFAC):
         frame = self._frame(self._inverses(), grads)
         g = frame.into(grads)
         zeta_kfac = [op.apply_inverse(x) for op, x in zip(frame.ops, g)]
-        basis, op, rhs, residual = self._coarse_system(frame, g, zeta_kfac)
-        beta, failed = solve_coarse(op, rhs)
+        basis, op, rhs, residual, scale = self._coarse_system(frame, g, zeta_kfac)
+        if scale is None:
+            beta, failed = solve_coarse(op, rhs)
+        else:  # the system of the unit-normalised columns V S, S = diag(scale); beta = S beta_unit
+            beta, failed = solve_coarse(op * scale[:, None] * scale[None, :], rhs * scale)
+            beta = beta * scale
         beta = self.coarse_scale * beta
         zeta = [z + c for z, c in zip(zeta_kfac, prolong(basis, beta))]
         self.last_basis = basis
@@ -559,9 +571,10 @@ class TwoLevelKFAC(KFAC):
         return Frame(kron, rotate, lambda: groups)
 
     def _coarse_system(self, frame: "Frame", grads, zeta_kfac):
-        """(R0^T, F_coarse = R0 F_bullet R0^T, rhs, r_KFAC or None) with rhs = R0 r_KFAC
-        (multiplicative) or R0 g (additive), everything from this step's Fisher batch, in the
-        frame's coordinates."""
+        """(R0^T, F_coarse = R0 F_bullet R0^T, rhs, r_KFAC or None, column scales or None) with
+        rhs = R0 r_KFAC (multiplicative) or R0 g (additive), everything from this step's Fisher
+        batch, in the frame's coordinates. The scales 1/||V[:, j]|| (per-step spaces, whose
+        columns are not normalised) turn the system into that of the unit columns."""
         groups = frame.groups
         lam = self.damping
         if self.space.static:  # R0 r from the per-sample projections P, without forming r
@@ -575,16 +588,21 @@ class TwoLevelKFAC(KFAC):
                 # and their float32 rounding would be all that is left of R0 r.
                 v = sum(project(grp, z).sum(0).double() for grp, z in zip(groups, zeta_kfac))[0]
                 rhs = rhs - proj.double().T @ v / groups[0].batch - lam * restrict64(basis, zeta_kfac)
-            return basis, op, rhs, None
+            return basis, op, rhs, None, None
         # residual spaces: rebuilt every step from r_KFAC = g - F_bullet zeta_KFAC
-        residual = [g - f for g, f in zip(grads, fisher_vector_product(groups, zeta_kfac, lam))]
+        residual = [torch.sub(g, f, out=f) for g, f in zip(grads, fisher_vector_product(groups, zeta_kfac, lam))]
         ctx = BasisContext(frame.ops, self._shapes(grads), grads[0], grad=grads, residual=residual,
-                           precond_residual=[k.apply_inverse(r) for k, r in zip(frame.ops, residual)],
-                           fvp=lambda u: fisher_vector_product(groups, u, lam))
-        basis = self.space.basis(ctx)
-        op = coarse_operator(groups, basis, lam)
+                           fvp=lambda u: fisher_vector_product(groups, u, lam),
+                           fisher_projected=lambda u, scale=1.0: fisher_product_and_projections(groups, u, lam, scale))
+        # The columns are used as built: unit-normalising them (what ``CoarseSpace.basis`` does)
+        # is done on the small system instead, with their norms from the block Gram's diagonal
+        # (``_column_scales``): the same step, without two passes over the basis.
+        basis = self.space.build(ctx)
+        gram = block_gram(basis)
+        proj = per_sample_projections(groups, basis, known=ctx.known_projections)
+        op = coarse_operator(groups, basis, lam, projections=proj, gram=gram)
         rhs = restrict(basis, residual if self.correction == "multiplicative" else grads).double()
-        return basis, op, rhs, residual
+        return basis, op, rhs, residual, _column_scales(gram)
 
     def _record_gap(self, groups, grads, zeta_kfac, basis, beta, op, residual) -> None:
         """E(beta) - E(0) = <F_coarse beta, beta> - 2 <R0^T beta, r_KFAC> (eq. 4.6), with the exact
@@ -659,8 +677,8 @@ class PreviousKFAC(TwoLevelKFAC):
         if self.correction == "multiplicative":
             groups = self._fresh_groups()
             residual = [g - f for g, f in zip(grads, fisher_vector_product(groups, zeta_kfac, self.damping))]
-            return basis, op, restrict(basis, residual).double(), residual
-        return basis, op, restrict(basis, grads).double(), None
+            return basis, op, restrict(basis, residual).double(), residual, None
+        return basis, op, restrict(basis, grads).double(), None, None
 
     def _record_gap(self, groups, grads, zeta_kfac, basis, beta, op, residual) -> None:
         exact = coarse_operator(groups, basis, self.damping)
