@@ -232,9 +232,10 @@ def _check_writable_root(root: Path, key: str) -> None:
                           "valid: a writable folder")
 
 
-def prepare(cfg: DictConfig):
-    """Validate and build data, model and optimiser; raises ConfigError/DataMissingError early."""
-    lr, opts = validate(cfg)
+def prepare(cfg: DictConfig, validated: tuple[float, dict] | None = None):
+    """Validate (unless ``validated`` = ``validate(cfg)`` is passed) and build data, model and
+    optimiser options; raises ConfigError/DataMissingError early."""
+    lr, opts = validated if validated is not None else validate(cfg)
     task = get_task(cfg.experiment.task)
     ds = cfg.dataset
     data = load_dataset(ds.name, root=ds.root, download=ds.download, md5=ds.md5, split_seed=ds.split_seed,
@@ -361,7 +362,7 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
         print(f"[kfac2l] {out_dir} is complete (identity {ident}); skipped", file=sys.stderr)
         return previous
     resumed = _claim(out_dir, previous, identity, ident)
-    run = Run(cfg, out_dir, identity, ident)
+    run = Run(cfg, out_dir, identity, ident, (lr, opts))
     if resumed is not None:
         run.restore(resumed, previous)
     return run.execute()
@@ -392,9 +393,9 @@ class Run:
     epoch loop with early stopping, divergence, checkpoints and signals; its files written by a
     ``RunRecorder``."""
 
-    def __init__(self, cfg: DictConfig, out_dir: Path, identity: dict, ident: str):
+    def __init__(self, cfg: DictConfig, out_dir: Path, identity: dict, ident: str, validated: tuple[float, dict]):
         self.cfg, self.out_dir, self.ident = cfg, out_dir, ident
-        self.task, self.data, self.model, lr, self.opts = prepare(cfg)
+        self.task, self.data, self.model, lr, self.opts = prepare(cfg, validated)
         self.device = _device(cfg.device)
         self.model.to(self.device)
         with warnings.catch_warnings():  # recorded in the summary instead
