@@ -498,7 +498,8 @@ class TwoLevelKFAC(KFAC):
         self.taylor_order = int(taylor_order)
         self.krylov_start = krylov_start
         self.eigenbasis = eigenbasis
-        self.last_basis = None  # the coarse basis of the last step (for checks; a reference, no copy)
+        self.last_basis = None  # the coarse basis of the last step (for checks; a reference, no copy;
+        # per-step spaces: the columns as built, not normalised)
         self._static, self._static_for = None, None
 
     @property
