@@ -96,6 +96,15 @@ def test_bench_prints_its_table(capsys):
     assert float(lines[2].split()[8]) > 0  # nico's floor, from one Kronecker solve per step
 
 
+def test_bench_counts_the_passes_of_the_route_the_first_step_chose():
+    """On the MNIST AE with a tiny Fisher batch the eigenbasis route is taken: TAYLOR costs two
+    dense passes (rotate in, rotate out), not its dense-route 1 + q = 3, and the floor says so."""
+    from kfac2l.bench import run_worker
+
+    result = run_worker("mnist_ae", "taylor", "cpu", steps=1, warmup=0, batch=8, schedules=("paper",))
+    assert result["solves"] == 2
+
+
 def test_fisher_pass_leaves_batchnorm_statistics_alone():
     """The B/4 Fisher pass is a measurement: running mean, variance and count of the BatchNorm
     layer move exactly as under the training forward pass alone."""
