@@ -83,7 +83,7 @@ def _timed_step(model, opt, task, x, y, dev) -> float:
 
 def run_worker(
     problem: str, optimizer: str, device: str, steps: int, warmup: int, batch: int | None,
-    schedules: tuple[str, ...] = tuple(SCHEDULES),
+    schedules: tuple[str, ...] = tuple(SCHEDULES), versus: str | None = None,
 ) -> dict:
     """Measure one optimiser on one problem (in this process), in two phases per schedule.
 
@@ -91,7 +91,8 @@ def run_worker(
        after this phase, so it is the optimiser's own.
     2. Paired timing: fresh SGD and KFAC models run next to the optimiser's, one step of each in
        turn (rotating order) for ``steps`` rounds; every ratio is then taken between steps timed
-       seconds apart, so slow drifts of a shared machine cancel.
+       seconds apart, so slow drifts of a shared machine cancel. ``versus``: a third reference
+       optimiser stepped alongside (e.g. ``residu``), for ratios to it paired the same way.
     """
     dev = torch.device(device)
     model_name, task_name, default_batch = PROBLEMS[problem]
@@ -116,7 +117,8 @@ def run_worker(
         result["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
     else:
         result["peak_mem_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    names = list(dict.fromkeys([optimizer, *REFERENCES]))
+    references = (*REFERENCES, versus) if versus and versus not in REFERENCES else REFERENCES
+    names = list(dict.fromkeys([optimizer, *references]))
     for schedule in schedules:  # phase 2
         interval = SCHEDULES[schedule]
         runs = {name: _build(model_name, name, interval, dev) for name in names}
@@ -128,7 +130,7 @@ def run_worker(
                 if k >= warmup:
                     times[name].append(dt)
         result[schedule]["times_s"] = times[optimizer]
-        result[schedule]["ref_times_s"] = {ref: times[ref] for ref in REFERENCES}
+        result[schedule]["ref_times_s"] = {ref: times[ref] for ref in references}
         del runs
     return result
 
@@ -154,7 +156,7 @@ def summarise(runs: list[dict]) -> dict:
             "steps": len(times),
             "ref_median_s": {
                 ref: statistics.median([t for r in runs for t in r[schedule]["ref_times_s"][ref]])
-                for ref in REFERENCES
+                for ref in runs[0][schedule]["ref_times_s"]
             },
         }
     return row
@@ -167,6 +169,8 @@ def _spawn(problem, optimizer, args) -> dict:
         cmd += ["--batch", str(args.batch)]
     if args.imports:
         cmd += ["--import", *args.imports]
+    if args.versus:
+        cmd += ["--versus", args.versus]
     out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
     if out.returncode != 0:
         raise RuntimeError(f"bench worker {problem}/{optimizer} failed:\n{out.stderr[-2000:]}")
@@ -192,6 +196,8 @@ def ratios(rows: list[dict]) -> list[dict]:
             ref = s["ref_median_s"]
             s["vs_sgd"] = s["median_s"] / ref["sgd"]
             s["vs_kfac"] = s["median_s"] / ref["kfac"]
+            for extra in set(ref) - set(REFERENCES):  # --versus NAME, paired in the same worker
+                s[f"vs_{extra}"] = s["median_s"] / ref[extra]
             kfac = by.get((r["problem"], "kfac"), {}).get(schedule)
             excess = max(kfac["refresh_s"] - kfac["median_s"], 0.0) if kfac else 0.0
             interval = SCHEDULES[schedule]
@@ -213,13 +219,18 @@ def print_table(rows: list[dict]) -> None:
     footer = ("floor: lowest /KFAC ratio the optimiser's dense Kronecker solves per step allow at the paper "
               "schedule, (t_SGD + n (t_KFAC - t_SGD)) / t_KFAC")
     nan = {"median_s": float("nan")}
+    versus = sorted({k for r in rows for s in (r.get("paper", {}), r.get("every-step", {})) for k in s
+                     if k.startswith("vs_") and k not in ("vs_sgd", "vs_kfac")})
     for r in rows:
         p, e = r.get("paper", nan), r.get("every-step", nan)
+        extra = "".join(f" | paper /{k[3:].upper()} {p.get(k, float('nan')):5.2f}"
+                        f" every /{k[3:].upper()} {e.get(k, float('nan')):5.2f}" for k in versus)
         print(f"{r['problem']:13} {r['batch']:5d} {r['optimizer']:10} | {1e3 * p['median_s']:9.1f} "
               f"{p.get('vs_sgd', float('nan')):5.2f} {p.get('vs_kfac', float('nan')):6.2f} "
               f"{p.get('amortised_vs_kfac', float('nan')):10.2f} {p.get('floor_vs_kfac', float('nan')):5.2f} "
               f"| {1e3 * e['median_s']:9.1f} "
-              f"{e.get('vs_sgd', float('nan')):5.2f} {e.get('vs_kfac', float('nan')):6.2f} | {r['peak_mem_mb']:8.0f}")
+              f"{e.get('vs_sgd', float('nan')):5.2f} {e.get('vs_kfac', float('nan')):6.2f} | {r['peak_mem_mb']:8.0f}"
+              f"{extra}")
     print(footer)
 
 
@@ -237,6 +248,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=1,
                         help="run every optimiser's worker this many times and pool the steps")
     parser.add_argument("--schedules", nargs="+", default=list(SCHEDULES), choices=list(SCHEDULES))
+    parser.add_argument("--versus", default=None, metavar="OPTIMIZER",
+                        help="also step this optimiser in every worker and print ratios to it, paired like "
+                             "those to SGD and KFAC (e.g. --versus residu)")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--worker", nargs=2, metavar=("PROBLEM", "OPTIMIZER"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -251,10 +265,13 @@ def main(argv: list[str] | None = None) -> int:
         if (name is None and opt not in OPTIMIZERS) or (name is not None and name not in COARSE_SPACES):
             parser.error(f"unknown optimizer {opt!r}; valid: {', '.join(OPTIMIZERS)}, or space:NAME with NAME one "
                          f"of {', '.join(COARSE_SPACES)}")
+    if args.versus is not None and args.versus not in OPTIMIZERS:
+        parser.error(f"unknown --versus optimizer {args.versus!r}; valid: {', '.join(OPTIMIZERS)}")
     if args.rounds < 1 or args.steps < 1 or args.warmup < 1:
         parser.error(f"--rounds, --steps and --warmup must be >= 1, got {args.rounds}, {args.steps}, {args.warmup}")
     if args.worker:
-        result = run_worker(*args.worker, args.device, args.steps, args.warmup, args.batch, tuple(args.schedules))
+        result = run_worker(*args.worker, args.device, args.steps, args.warmup, args.batch, tuple(args.schedules),
+                            args.versus)
         print(json.dumps(result))
         return 0
     optimizers = list(dict.fromkeys(["sgd", "kfac", *args.optimizers]))

@@ -96,6 +96,24 @@ def test_bench_prints_its_table(capsys):
     assert float(lines[2].split()[8]) > 0  # nico's floor, from one Kronecker solve per step
 
 
+def test_bench_pairs_a_third_reference_with_versus(capsys):
+    """--versus NAME steps NAME in every worker next to SGD and KFAC; the ratio to it is the
+    optimiser's median over the median of the NAME steps timed alongside."""
+    from kfac2l.bench import main, ratios, summarise
+
+    run = {"problem": "p", "optimizer": "taylor", "batch": 4, "device": "cpu", "peak_mem_mb": 1.0, "solves": 2,
+           "paper": {"times_s": [6.0, 6.0], "refresh_s": [6.0], "interval": 100,
+                     "ref_times_s": {"sgd": [1.0, 1.0], "kfac": [2.0, 2.0], "residu": [5.0, 5.0]}}}
+    row = ratios([summarise([run])])[0]["paper"]
+    assert row["vs_residu"] == pytest.approx(1.2) and row["vs_kfac"] == pytest.approx(3.0)
+    assert main(["--problems", "deep_linear_a", "--optimizers", "nico", "--steps", "1", "--warmup", "1",
+                 "--rounds", "1", "--batch", "32", "--schedules", "paper", "--versus", "residu"]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("deep_linear_a")]
+    assert all("/RESIDU" in ln for ln in lines) and float(lines[2].split("/RESIDU")[1].split()[0]) > 0
+    with pytest.raises(SystemExit):
+        main(["--versus", "residuu"])
+
+
 def test_bench_counts_the_passes_of_the_route_the_first_step_chose():
     """On the MNIST AE with a tiny Fisher batch the eigenbasis route is taken: TAYLOR costs two
     dense passes (rotate in, rotate out), not its dense-route 1 + q = 3, and the floor says so."""
