@@ -99,14 +99,9 @@ def _unit(norm: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.where(norm > eps, norm, torch.ones_like(norm)).unsqueeze(-1)
 
 
-def normalize_columns(v: Basis, eps: float = 1e-30, return_norms: bool = False):
+def normalize_columns(v: Basis, eps: float = 1e-30) -> Basis:
     """Scale each column MAT(V_i[:, k]) of a (L, k, O, I) or rank-one basis to unit norm
-    (zero stays zero). The span, hence the two-level step, is unchanged. ``return_norms``: also
-    the divisors (L, k)."""
+    (zero stays zero). The span, hence the two-level step, is unchanged."""
     if isinstance(v, RankOne):
-        left, right = _unit(v.left.norm(dim=-1), eps), _unit(v.right.norm(dim=-1), eps)
-        unit, norms = RankOne(v.left / left, v.right / right), (left * right).squeeze(-1)
-    else:  # multiply by the (L, k) reciprocals: a division per entry costs more on a CPU
-        norms = _unit(v.flatten(2).norm(dim=-1), eps)
-        unit, norms = v * norms.reciprocal().unsqueeze(-1), norms.squeeze(-1)
-    return (unit, norms) if return_norms else unit
+        return RankOne(v.left / _unit(v.left.norm(dim=-1), eps), v.right / _unit(v.right.norm(dim=-1), eps))
+    return v / _unit(v.flatten(2).norm(dim=-1), eps).unsqueeze(-1)

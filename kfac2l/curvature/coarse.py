@@ -11,15 +11,23 @@ import torch
 CORRECTIONS = ("multiplicative", "additive")
 
 
-def solve_coarse(operator: torch.Tensor, rhs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def solve_coarse(
+    operator: torch.Tensor, rhs: torch.Tensor, column_scale: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """beta = F_coarse^{-1} rhs by Cholesky, without host synchronisation.
 
     The operator is Jacobi-scaled; exactly zero columns (a layer whose coarse vector vanished)
     get a unit diagonal so that their beta is 0. If the Cholesky factorisation fails, a second one
     with a relative jitter of 1e-10 is used; if that fails too (or the operator is not finite, e.g.
     from a degenerate Fisher batch), beta = 0 exactly (the step stays KFAC's).
+    ``column_scale`` s: solve the system of the columns V diag(s) instead (unit columns when
+    s = 1/||V[:, j]||) and return beta for V; the Jacobi scaling and the zero-column test then see
+    columns of comparable size.
     Returns (beta, failed) with ``failed`` a 0-dim tensor counting the fallbacks used (0, 1, 2).
     """
+    if column_scale is not None:
+        beta, failed = solve_coarse(operator * column_scale[:, None] * column_scale[None, :], rhs * column_scale)
+        return beta * column_scale, failed
     diag = torch.diagonal(operator)
     tiny = diag.abs().amax() * 1e-14 + 1e-300
     dead = diag <= tiny

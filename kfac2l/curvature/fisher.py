@@ -278,6 +278,13 @@ def fisher_vector_product(
     return fisher_product_and_projections(groups, u, damping)[0]
 
 
+def kfac_residual(
+    groups: list[LayerGroup], grads: list[torch.Tensor], zeta: list[torch.Tensor], damping: float
+) -> list[torch.Tensor]:
+    """r_KFAC = g - F_bullet zeta_KFAC (3.10), written over the product (no extra temporary)."""
+    return [torch.sub(g, f, out=f) for g, f in zip(grads, fisher_vector_product(groups, zeta, damping))]
+
+
 def per_sample_projections(
     groups: list[LayerGroup], vectors: list[Basis], known: list[torch.Tensor] | None = None
 ) -> torch.Tensor:

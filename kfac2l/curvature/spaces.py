@@ -47,7 +47,7 @@ class BasisContext:
     """What ``CoarseSpace.build`` may use. ``shapes``: (L, O, I) per layer group. The per-step
     fields are set for non-static spaces only: ``grad`` the gradient g, ``residual`` r_KFAC and
     ``precond_residual`` K^{-1} r_KFAC as layered vectors (one column, (L, 1, O, I) per group),
-    ``fvp`` the F_bullet product on the Fisher batch; ``fisher_projected(u, scale)`` the same,
+    ``fvp(u)`` the F_bullet product on the Fisher batch; ``fisher_projected(u, scale)`` the same,
     scaled, with the per-layer projections J_i^T u[i] (L, k, B) per group, which a space may hand
     back in ``known_projections`` for the first k0 columns of each group's basis (the coarse
     operator then projects only the others; see ``Taylor``)."""
@@ -57,7 +57,6 @@ class BasisContext:
     like: torch.Tensor
     grad: Layered | None = None
     residual: Layered | None = None
-    fvp: Callable[[Layered], Layered] | None = None
     fisher_projected: Callable[..., tuple[Layered, Layered]] | None = None
     known_projections: Layered | None = None
     _precond_residual: Layered | None = None
@@ -68,6 +67,10 @@ class BasisContext:
         if self._precond_residual is None:
             self._precond_residual = [k.apply_inverse(r) for k, r in zip(self.kron, self.residual)]
         return self._precond_residual
+
+    def fvp(self, u: Layered) -> Layered:
+        """F_bullet u on the Fisher batch of the step."""
+        return self.fisher_projected(u)[0]
 
     def ones(self, L: int, O: int, I: int) -> RankOne:
         """The all-ones matrix of each layer as a rank-one column."""
@@ -123,17 +126,12 @@ class CoarseSpace:
         return None
 
     def basis(self, ctx: BasisContext) -> list[Basis]:
-        """``build`` with unit-norm columns (``ctx.known_projections`` rescaled to match)."""
+        """``build`` with unit-norm columns (the static spaces' cached bases; per-step bases are
+        used as built and scaled on the small system). Projections a space left in
+        ``ctx.known_projections`` belong to the raw columns and are dropped."""
+        unit = [normalize_columns(v) for v in self.build(ctx)]
         ctx.known_projections = None
-        built = self.build(ctx)
-        out, known = [], ctx.known_projections
-        for n, v in enumerate(built):
-            unit, norms = normalize_columns(v, return_norms=True)
-            out.append(unit)
-            if known is not None and known[n] is not None:
-                k0 = known[n].shape[1]
-                known[n] = known[n] / norms[:, :k0, None].to(known[n].dtype)
-        return out
+        return unit
 
 
 COARSE_SPACES: dict[str, type[CoarseSpace]] = {}
@@ -302,11 +300,8 @@ class Taylor(CoarseSpace):
             # F_bullet mixes layers: scale by the global norm only, never layer by layer, or the
             # span would change; the scale rides on the (k, B) vector inside the product
             norm = torch.stack([torch.linalg.vector_norm(c) for c in last]).norm().clamp_min(1e-30)
-            if ctx.fisher_projected is None:
-                fw = ctx.fvp([c / norm for c in last])
-            else:
-                fw, proj = ctx.fisher_projected(last, 1.0 / norm)
-                known = proj if known is None else [torch.cat([k, p], dim=1) for k, p in zip(known, proj)]
+            fw, proj = ctx.fisher_projected(last, 1.0 / norm)
+            known = proj if known is None else [torch.cat([k, p], dim=1) for k, p in zip(known, proj)]
             for k, x, v in zip(ctx.kron, fw, bases):
                 k.apply_inverse(x, out=v[:, j : j + 1])
         ctx.known_projections = known  # J^T of w_1 .. w_{q-1}, from the products above

@@ -28,7 +28,7 @@ from kfac2l.curvature.fisher import (
     coarse_operator,
     fisher_norm_sq,
     fisher_product_and_projections,
-    fisher_vector_product,
+    kfac_residual,
     layered_dot,
     per_sample_projections,
     project,
@@ -541,11 +541,7 @@ class TwoLevelKFAC(KFAC):
         g = frame.into(grads)
         zeta_kfac = [op.apply_inverse(x) for op, x in zip(frame.ops, g)]
         basis, op, rhs, residual, scale = self._coarse_system(frame, g, zeta_kfac)
-        if scale is None:
-            beta, failed = solve_coarse(op, rhs)
-        else:  # the system of the unit-normalised columns V S, S = diag(scale); beta = S beta_unit
-            beta, failed = solve_coarse(op * scale[:, None] * scale[None, :], rhs * scale)
-            beta = beta * scale
+        beta, failed = solve_coarse(op, rhs, column_scale=scale)
         beta = self.coarse_scale * beta
         zeta = [z + c for z, c in zip(zeta_kfac, prolong(basis, beta))]
         self.last_basis = basis
@@ -591,9 +587,8 @@ class TwoLevelKFAC(KFAC):
                 rhs = rhs - proj.double().T @ v / groups[0].batch - lam * restrict64(basis, zeta_kfac)
             return basis, op, rhs, None, None
         # residual spaces: rebuilt every step from r_KFAC = g - F_bullet zeta_KFAC
-        residual = [torch.sub(g, f, out=f) for g, f in zip(grads, fisher_vector_product(groups, zeta_kfac, lam))]
+        residual = kfac_residual(groups, grads, zeta_kfac, lam)
         ctx = BasisContext(frame.ops, self._shapes(grads), grads[0], grad=grads, residual=residual,
-                           fvp=lambda u: fisher_vector_product(groups, u, lam),
                            fisher_projected=lambda u, scale=1.0: fisher_product_and_projections(groups, u, lam, scale))
         # The columns are used as built: unit-normalising them (what ``CoarseSpace.basis`` does)
         # is done on the small system instead, with their norms from the block Gram's diagonal
@@ -610,8 +605,7 @@ class TwoLevelKFAC(KFAC):
         F_coarse of the Fisher batch (``op`` must be it; PREVIOUS passes the exact one here); in
         the coordinates of ``groups`` (the quantity is invariant under the frame's rotations)."""
         if residual is None:
-            fz = fisher_vector_product(groups, zeta_kfac, self.damping)
-            residual = [g - f for g, f in zip(grads, fz)]
+            residual = kfac_residual(groups, grads, zeta_kfac, self.damping)
         self._diag["gap"] = beta @ op @ beta - 2 * (restrict(basis, residual).double() @ beta)
 
 
@@ -677,7 +671,7 @@ class PreviousKFAC(TwoLevelKFAC):
         op = kronecker_coarse_operator(*self._cross, diagonal) * scale[:, None] * scale[None, :]
         if self.correction == "multiplicative":
             groups = self._fresh_groups()
-            residual = [g - f for g, f in zip(grads, fisher_vector_product(groups, zeta_kfac, self.damping))]
+            residual = kfac_residual(groups, grads, zeta_kfac, self.damping)
             return basis, op, restrict(basis, residual).double(), residual, None
         return basis, op, restrict(basis, grads).double(), None, None
 
