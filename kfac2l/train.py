@@ -12,6 +12,8 @@ into its own directory (``kfac2l.runs``):
   checkpoint.pt    the last checkpoint (every ``checkpoint.every`` epochs and on SIGTERM/SIGUSR2)
   diagnostics.csv  (diagnostics=true) per iteration: gap (4.6), and with exact_reference=true the
                    true F_bullet-distances of the KFAC and two-level steps to the exact NG step
+  kl_clip.csv.gz   (optimisers with a KL clip) per iteration: the clip factor nu and the product
+                   it reads
 
 Relaunching the same command: a complete run with the same identity is skipped; an interrupted
 one resumes from its checkpoint and ends with the same per-epoch losses as an uninterrupted run;
@@ -39,7 +41,7 @@ from tqdm.auto import tqdm
 
 from kfac2l.data import DataSplits, TensorBatches, load_dataset
 from kfac2l.data.core import as_float
-from kfac2l.io import atomic_write_text, git_commit
+from kfac2l.io import atomic_write_text, git_commit, machine
 from kfac2l.models import INITS, MODELS, build_model
 from kfac2l.optim import REGISTRY, TWO_LEVEL, make_optimizer
 from kfac2l.optim.preconditioner import UnpreconditionedWarning
@@ -49,7 +51,7 @@ from kfac2l.runs.checkpoint import CheckpointError, load_checkpoint, remove_chec
 from kfac2l.runs.recorder import Progress, RunRecorder
 from kfac2l.select import read_selection
 
-OUR_FILES = ("summary.json", "metrics.csv", "diagnostics.csv", "config.yaml", "checkpoint.pt")
+OUR_FILES = ("summary.json", "metrics.csv", "diagnostics.csv", "kl_clip.csv.gz", "config.yaml", "checkpoint.pt")
 
 
 def run_name(use_best, lr, damping, seed) -> str:
@@ -413,6 +415,7 @@ class Run:
             "convention": cfg.convention.name, "init": cfg.model.init,
             "data_source": data.source, "dataset": data.name, "train_samples": int(data.x_train.shape[0]),
             "device": str(self.device), "torch_threads": torch.get_num_threads(), "git_commit": git_commit(),
+            "machine": machine(),
             "max_epochs": max_epochs(cfg), "identity": identity, "identity_id": ident,
             "resumed_from_epoch": None, "resumes": 0,
             "plain_gradient_modules": len(pre.skipped_modules) if pre is not None else 0,
@@ -457,14 +460,26 @@ class Run:
             losses.append(training_step(self.model, self.optimizer, self.task, x, y, cfg.profile.fisher_fraction,
                                         self.fisher_gen))
             p.iterations += 1
-            if self.opts.get("diagnostics"):
-                p.diag_rows.append({"iteration": p.iterations, **self.optimizer.preconditioner.diagnostic_tensors})
+            self._record_step(p)
             if stop.signum is not None:
                 p.batch, p.epoch_losses, p.elapsed = k + 1, losses, time.perf_counter() - t_start
                 raise Interrupted
         if p.start_loss is None:
             p.start_loss = losses[0].item()
-        return torch.stack(losses).mean().item()  # one synchronisation per epoch
+        loss = torch.stack(losses).mean().item()  # one synchronisation per epoch
+        p.kl_rows = [[float(v) for v in r] for r in p.kl_rows]
+        return loss
+
+    def _record_step(self, p: Progress) -> None:
+        """Keep this step's diagnostics and KL-clip factor as device tensors (read once per epoch)."""
+        pre = self.optimizer.preconditioner
+        if pre is None:
+            return
+        diag = pre.diagnostic_tensors
+        if self.opts.get("diagnostics"):
+            p.diag_rows.append({"iteration": p.iterations, **diag})
+        if "kl_scale" in diag:
+            p.kl_rows.append((p.iterations, diag["kl_scale"], diag["kl_product"]))
 
     def _after_epoch(self, epoch: int, train_loss: float, t_start: float, wandb_run) -> str | None:
         """Record the epoch; 'diverged' (with the reason in ``self.reason``), 'stop' (patience

@@ -202,11 +202,13 @@ class CurvaturePreconditioner:
             return zeta
         if self.kl_clip_form == "unscaled":
             per_layer = [(z * g).flatten(2).sum(-1).abs() for z, g in zip(zeta, grads)]
-            nu = torch.sqrt(self.kl_clip / sum(v.sum() for v in per_layer)).clamp(max=1.0)
+            vg = sum(v.sum() for v in per_layer)
+            nu = torch.sqrt(self.kl_clip / vg).clamp(max=1.0)
         else:
             vg = layered_dot(zeta, grads).sum().abs()
             nu = torch.sqrt(self.kl_clip / (self.lr**2 * vg)).clamp(max=1.0)
         self._diag["kl_scale"] = nu.detach()
+        self._diag["kl_product"] = vg.detach()
         return [z * nu for z in zeta]
 
     @torch.no_grad()
@@ -237,7 +239,9 @@ class CurvaturePreconditioner:
         gap: E(beta*) - E(0) of eq. (4.6) on the Fisher batch; with ``exact_reference``:
         dist_kfac, dist_two_level (true squared F_bullet-distances to zeta = F_bullet^{-1} grad),
         rel_dist_* (the same over ||zeta||^2_{F_bullet}), cos_kfac, cos_two_level (Euclidean cosine
-        similarity to zeta), coarse_solve_fallbacks, kl_scale.
+        similarity to zeta), coarse_solve_fallbacks; with ``kl_clip`` (always recorded): kl_scale
+        (nu) and kl_product (what the clip reads: sum_i |<zeta_i, g_i>| for the unscaled form,
+        |<zeta, g>| for the lr^2 form, before the factor lr^2).
         """
         return {k: float(v) for k, v in self._diag.items()}
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from kfac2l.runs.records import write_diagnostics, write_metrics, write_summary
+from kfac2l.runs.records import write_diagnostics, write_kl_clip, write_metrics, write_summary
 
 
 @dataclass
@@ -23,6 +23,7 @@ class Progress:
     iterations: int = 0
     rows: list = field(default_factory=list)
     diag_rows: list = field(default_factory=list)
+    kl_rows: list = field(default_factory=list)  # per iteration: (iteration, nu, kl_product) of the KL clip
     best: float = math.inf
     best_epoch: int = 0
     since_best: int = 0
@@ -33,6 +34,7 @@ class Progress:
     def state(self) -> dict:
         """A plain dict (tensors, numbers, lists) for the checkpoint; diagnostics become floats."""
         self.diag_rows = [{k: (float(v) if torch.is_tensor(v) else v) for k, v in r.items()} for r in self.diag_rows]
+        self.kl_rows = [[float(v) for v in r] for r in self.kl_rows]
         out = dict(self.__dict__)
         out["epoch_losses"] = [float(v) for v in self.epoch_losses]
         return out
@@ -52,6 +54,7 @@ class RunRecorder:
     def write(self, progress: Progress, status: str, error: str | None = None, reason: str | None = None) -> dict:
         write_metrics(self.out_dir, progress.rows)
         write_diagnostics(self.out_dir, progress.diag_rows)
+        write_kl_clip(self.out_dir, progress.kl_rows)
         self.summary.update({
             "status": status, "error": error, "divergence_reason": reason,
             "best_train_loss": progress.best if math.isfinite(progress.best) else None,

@@ -1,8 +1,9 @@
 """The one reader and writer of run records (everything else goes through here).
 
 A run directory holds ``summary.json`` (status, identity, hyper-parameters, best loss, provenance),
-``metrics.csv`` (one row per epoch, rewritten every epoch), ``config.yaml`` and, with diagnostics,
-``diagnostics.csv``. Every file is written atomically and readable by the group.
+``metrics.csv`` (one row per epoch, rewritten every epoch), ``config.yaml``, with diagnostics
+``diagnostics.csv``, and for every run whose optimiser KL-clips ``kl_clip.csv.gz`` (per iteration:
+the clip factor nu and the product it reads). Every file is written atomically and readable by the group.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 
 from kfac2l.io import atomic_write_csv, atomic_write_json
 
+KL_CLIP_COLUMNS = ["iteration", "nu", "kl_product"]
 METRIC_COLUMNS = ["epoch", "iterations", "train_loss", "test_loss", "test_accuracy", "wall_time"]
 COMPLETE_STATUSES = ("completed", "diverged")
 
@@ -78,3 +80,12 @@ def write_diagnostics(run_dir: str | Path, rows: list[dict]) -> None:
     if "dist_kfac" in frame and "dist_two_level" in frame:
         frame["distance_ratio"] = frame["dist_two_level"] / frame["dist_kfac"]
     atomic_write_csv(Path(run_dir) / "diagnostics.csv", frame)
+
+
+def write_kl_clip(run_dir: str | Path, rows: list) -> None:
+    """Per-iteration KL-clip record (iteration, nu, kl_product), gzipped; nothing without rows."""
+    if not rows:
+        return
+    frame = pd.DataFrame([[float(v) for v in r] for r in rows], columns=KL_CLIP_COLUMNS)
+    frame["iteration"] = frame["iteration"].astype(int)
+    atomic_write_csv(Path(run_dir) / "kl_clip.csv.gz", frame)

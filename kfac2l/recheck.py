@@ -1,0 +1,126 @@
+"""Do the committed results still reproduce at this commit? ``python -m kfac2l.recheck``
+
+For one committed run per (arm, optimiser) under ``results/final/<profile>/`` it reruns the first
+``--epochs`` epochs (default 2) from the run's own ``config.yaml`` and the lr and damping its
+``summary.json`` records, in a temporary folder, with the run's thread count, and compares the
+per-epoch training and test losses with the committed ``metrics.csv`` **bit for bit** (the float
+values as written, no tolerance). It prefers a run without diagnostics (faster; diagnostics do not
+change a trajectory, which the tests check) and the lowest such seed.
+
+A mismatch prints both values; ``summary.json`` carries the CPU model and the torch version of the
+machine that produced the run (runs made before that field existed say nothing), so that a mismatch
+on another machine can be told apart from a change of code. Exit code 0 when everything matches,
+1 otherwise, 2 when there is nothing to check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+from omegaconf import OmegaConf
+
+from kfac2l.runs import RunRecord, iter_runs
+
+COMPARED = ("train_loss", "test_loss")
+
+
+@dataclass
+class Check:
+    """The outcome of one rerun."""
+
+    run: Path
+    epochs: int
+    mismatches: list[str]
+    machine: str
+
+    @property
+    def ok(self) -> bool:
+        return not self.mismatches
+
+
+def pick_runs(root: Path) -> list[RunRecord]:
+    """One complete run per (arm folder, optimiser): no diagnostics first, then the lowest seed."""
+    chosen: dict[tuple, RunRecord] = {}
+    for record in iter_runs(root):
+        key = (record.path.parent.parent, record.summary.get("optimizer"))
+        opts = record.summary.get("options") or {}
+        rank = (bool(opts.get("diagnostics")), int(record.summary.get("seed", 0)))
+        best = chosen.get(key)
+        if best is None or rank < (bool((best.summary.get("options") or {}).get("diagnostics")),
+                                   int(best.summary.get("seed", 0))):
+            chosen[key] = record
+    return [chosen[k] for k in sorted(chosen, key=lambda k: (str(k[0]), str(k[1])))]
+
+
+def rerun_config(record: RunRecord, epochs: int, out_root: Path, data_root: str | None):
+    """The run's resolved config with its recorded lr/damping, ``epochs`` epochs, no diagnostics."""
+    cfg = OmegaConf.load(record.path / "config.yaml")
+    s = record.summary
+    overrides = {"use_best": False, "optimizer.lr": s["lr"], "optimizer.damping": s.get("damping"),
+                 "profile.max_epochs": epochs, "profile.patience": epochs + 1, "diagnostics": False,
+                 "exact_reference": False, "paths.runs": str(out_root), "progress": False,
+                 "logger.wandb": False, "checkpoint.every": 0}
+    if data_root is not None:
+        overrides["dataset.root"] = data_root
+    for key, value in overrides.items():
+        OmegaConf.update(cfg, key, value, force_add=True)
+    return cfg
+
+
+def check_run(record: RunRecord, epochs: int = 2, data_root: str | None = None) -> Check:
+    """Rerun ``epochs`` epochs of ``record`` and compare its per-epoch losses bit for bit."""
+    from kfac2l.train import train
+
+    committed = record.read_csv("metrics.csv")
+    epochs = min(epochs, len(committed))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(int(record.summary.get("torch_threads") or 1))
+    try:
+        with tempfile.TemporaryDirectory(prefix="kfac2l-recheck-") as tmp:
+            cfg = rerun_config(record, epochs, Path(tmp), data_root)
+            train(cfg, Path(tmp) / "run")
+            fresh = pd.read_csv(Path(tmp) / "run" / "metrics.csv")
+    finally:
+        torch.set_num_threads(threads)
+    mismatches = []
+    for epoch in range(epochs):
+        for col in COMPARED:
+            old, new = committed[col].iloc[epoch], fresh[col].iloc[epoch]
+            if not (old == new or (pd.isna(old) and pd.isna(new))):
+                mismatches.append(f"epoch {epoch + 1} {col}: committed {old!r}, now {new!r}")
+    return Check(record.path, epochs, mismatches, record.summary.get("machine", {}).get("cpu", "not recorded"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", default="results/final", help="folder of committed runs")
+    parser.add_argument("--profile", default="paper")
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--data", default=None, help="dataset.root for the reruns (default: the runs' own)")
+    parser.add_argument("--only", nargs="*", default=None, help="arm folders to check (e.g. deep_linear_a)")
+    args = parser.parse_args(argv)
+    root = Path(args.results) / args.profile
+    records = [r for r in pick_runs(root) if not args.only or r.path.parent.parent.name in args.only]
+    if not records:
+        print(f"kfac2l.recheck: no complete runs under {root}", file=sys.stderr)
+        return 2
+    failed = 0
+    for record in records:
+        check = check_run(record, args.epochs, args.data)
+        label = f"{record.path.relative_to(root)} ({record.summary.get('git_commit', '?')[:7]})"
+        print(f"{'same' if check.ok else 'DIFFERENT'}  {label}: {check.epochs} epochs", flush=True)
+        for line in check.mismatches:
+            print(f"    {line}  [run made on: {check.machine}]")
+        failed += not check.ok
+    print(f"{len(records) - failed} of {len(records)} runs reproduce bit for bit at this commit")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
