@@ -105,11 +105,18 @@ def test_kfac_factors_of_a_module_called_twice_sum_over_its_calls():
     assert rel(pre.factors[group].A[0], a2.T @ a2 / BATCH) > 0.1  # the last call alone is far off
 
 
-def test_exact_ngd_of_a_shared_module_is_the_dense_natural_gradient():
+def _sequential_twice() -> nn.Module:
+    """The measured example written with one module object twice in an nn.Sequential."""
+    lin = nn.Linear(4, 4)
+    return nn.Sequential(lin, nn.Tanh(), lin, nn.Tanh(), nn.Linear(4, 3))
+
+
+@pytest.mark.parametrize("build", [LinearTwice, _sequential_twice])
+def test_exact_ngd_of_a_shared_module_is_the_dense_natural_gradient(build):
     """ExactNGD on the measured example equals (F + lambda I)^-1 g with F from autograd
     per-sample gradients (float64; tolerance: eps times the conditioning of F_bullet)."""
     torch.manual_seed(0)
-    model = LinearTwice().double()
+    model = build().double()
     x, targets, labels = _problem(model, (4,))
     g, fisher = _autograd_reference(model, x, targets, labels)
     reference = torch.linalg.solve(fisher, g)

@@ -10,6 +10,8 @@ bias when the layer has one. Its per-sample quantities are
 with T the number of spatial locations (T = 1 for a Linear layer on flat inputs; extra leading
 dimensions of a Linear input are treated as locations sharing the weight, like a convolution).
 The per-sample gradient is then DW_i^(b) = sum_t g_{i,t}^(b) abar_{i-1,t}^(b)T (eqs. 2.4, 2.7).
+A module called several times in one forward pass (a shared module) is one layer whose locations
+are those of all its calls, so that this sum runs over calls too (docs/library.md, "Shared modules").
 
 Vectorisation order: in this code a layer's parameter vector is the row-major flattening of that
 (O, I) matrix, i.e. [W.flatten(), b] row by row. This is the paper's column-stacking vec of W^T;
