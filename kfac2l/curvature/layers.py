@@ -220,8 +220,8 @@ class ForwardCapture:
         for name, xs in zip(names, self.inputs):
             if xs is not None and len({x.shape[0] for x in xs}) > 1:
                 raise RuntimeError(f"layer {name!r} was called {len(xs)} times in one forward pass on batches of "
-                                   f"sizes {[x.shape[0] for x in xs]}; the calls of a shared layer must all see "
-                                   "the batch (one row per sample), see docs/library.md, 'Shared modules'")
+                                   f"sizes {[x.shape[0] for x in xs]}; every call of a shared layer must see the "
+                                   "whole batch, one row per sample (docs/library.md, 'Shared modules')")
 
     def clear(self) -> None:
         self.inputs: list[list[torch.Tensor] | None] = [None] * len(self.modules)
