@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from helpers import Problem, condition_number, float32_solve_tolerance
+from helpers import Problem, assert_same_products, condition_number, float32_solve_tolerance
 from torch import nn
 
 import kfac2l
@@ -62,7 +62,7 @@ def test_conv_group_projections_match_unfolded_patches(conv):
     """ConvGroup's convolution-based projections (dense and rank-one) and J v (two layers stacked) equal
     the same products on the unfolded patches (``layer_inputs``, itself checked against explicit
     loops and against the convolution above)."""
-    from kfac2l.curvature.fisher import ConvGroup, LayerGroup, capture_groups, combine, project, project_rank_one
+    from kfac2l.curvature.fisher import ConvGroup, LayerGroup, capture_groups
 
     torch.manual_seed(0)
     layers = [nn.Conv2d(**conv).double() for _ in range(2)]
@@ -72,15 +72,8 @@ def test_conv_group_projections_match_unfolded_patches(conv):
     assert isinstance(grp, ConvGroup) and grp.indices == [0, 1]
     unfolded = LayerGroup([0, 1], torch.stack([layer_inputs(m, x) for m, x in zip(layers, xs)]),
                           torch.stack([layer_output_grads(m, go) for m, go in zip(layers, gos)]))
-    O, I = unfolded.shape
-    assert grp.shape == (O, I) and grp.batch == 3
-    u = torch.randn(2, 3, O, I, dtype=torch.float64)
-    assert rel(project(grp, u), project(unfolded, u)) < 1e-13
-    basis = RankOne(torch.randn(2, 2, O, dtype=torch.float64), torch.randn(2, 2, I, dtype=torch.float64))
-    assert rel(project_rank_one(grp, basis), project(unfolded, basis.dense())) < 1e-13
-    v = torch.randn(2, 3, 3, dtype=torch.float64)
-    assert rel(combine(grp, v), combine(unfolded, v)) < 1e-13
-    assert rel(combine(grp, v[0]), combine(unfolded, v[0])) < 1e-13
+    assert grp.shape == unfolded.shape and grp.batch == 3
+    assert_same_products(grp, unfolded)
     assert grp._a is None and grp._g is None  # none of the products above unfolded the patches
     assert rel(grp.a, unfolded.a) < 1e-14 and rel(grp.g, unfolded.g) < 1e-14
 
@@ -496,7 +489,7 @@ def test_verify_self_check_passes_and_fails_on_a_tight_tolerance(capsys):
     assert main(["--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["passed"] and len(report["checks"]) >= 40
-    assert {r["network"] for r in report["checks"]} == {"mlp", "cnn", "seq"}
+    assert {r["network"] for r in report["checks"]} == {"mlp", "cnn", "seq", "tied"}
     assert main(["--tol", "1e-30"]) == 1
     assert "FAIL" in capsys.readouterr().out
 

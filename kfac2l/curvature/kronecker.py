@@ -4,7 +4,8 @@ For a group of L equally shaped layers:
   A_i = E[sum_t abar_{i-1,t} abar_{i-1,t}^T]          (2.25, 2.27)  shape (L, I, I)
   G_i = (1/T_i) E[sum_t g_{i,t} g_{i,t}^T]             (2.25, 2.27)  shape (L, O, O)
 estimated on the Fisher mini-batch (targets sampled from the model) and averaged over time with
-weight rho = min(1 - 1/k, decay) (k = number of updates so far).
+weight rho = min(1 - 1/k, decay) (k = number of updates so far). T_i counts the locations of all
+calls of a module called several times per forward pass (a shared module, like a sequence layer).
 
 Damping modes of [F_bullet KFAC]_{i,i}:
   * ``pi``     (A + pi sqrt(lambda) I) (x) (G + sqrt(lambda)/pi I)  with pi of eq. (2.30b) (paper);

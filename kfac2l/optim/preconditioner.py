@@ -36,6 +36,7 @@ from kfac2l.curvature.fisher import (
 from kfac2l.curvature.kronecker import DAMPING_MODES, DampedKronecker, DiagonalBlocks, FactorState, batch_factors
 from kfac2l.curvature.layers import (
     ForwardCapture,
+    check_untied,
     grad_matrix,
     preconditioned_layers,
     skipped_modules,
@@ -104,6 +105,7 @@ class CurvaturePreconditioner:
         if not self.layers:
             raise ValueError("the model has no nn.Linear or nn.Conv2d layer to precondition"
                              + (f" outside exclude={list(self.exclude)}" if self.exclude else ""))
+        check_untied(model, self.layers)
         self.skipped_modules = skipped_modules(model, self.exclude)
         if self.skipped_modules and warn_skipped:
             counts = Counter(kind for _, kind in self.skipped_modules)
@@ -111,7 +113,7 @@ class CurvaturePreconditioner:
                           f"({', '.join(f'{k} x{n}' for k, n in counts.items())}); see .skipped_modules",
                           UnpreconditionedWarning, stacklevel=3)
         self.modules = [m for _, m in self.layers]
-        self.capture = ForwardCapture(self.modules, armed=self._wants_fisher_batch)
+        self.capture = ForwardCapture(self.modules, armed=self._wants_fisher_batch, root=model)
         self.damping = float(damping)
         self.lr = float(lr)
         self.kl_clip = kl_clip
@@ -165,9 +167,12 @@ class CurvaturePreconditioner:
         if targets is None:
             targets = sample_targets(output, likelihood, generator)
         nll = summed_nll(output, targets, likelihood)
-        grads = torch.autograd.grad(nll, outputs, retain_graph=True, allow_unused=True)
-        grads = [go if go is not None else torch.zeros_like(out) for out, go in zip(outputs, grads)]
-        self.groups = capture_groups(self.modules, self.capture.inputs, grads)
+        inputs = [xs[:] for xs in self.capture.inputs]  # as captured (a recomputing backward cannot add calls)
+        calls = [out for layer in outputs for out in layer]  # a shared layer: one output per call
+        flat = torch.autograd.grad(nll, calls, retain_graph=True, allow_unused=True)
+        flat = iter([go if go is not None else torch.zeros_like(out) for out, go in zip(calls, flat)])
+        grads = [[next(flat) for _ in xs] for xs in inputs]  # each call's own output gradient
+        self.groups = capture_groups(self.modules, inputs, grads)
         self.group_indices = [list(g.indices) for g in self.groups]
         self.capture.clear()
         self._batch_step = self.steps
