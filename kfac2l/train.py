@@ -45,7 +45,7 @@ from kfac2l.io import atomic_write_text, git_commit, machine
 from kfac2l.models import INITS, MODELS, build_model
 from kfac2l.optim import REGISTRY, TWO_LEVEL, make_optimizer
 from kfac2l.optim.preconditioner import UnpreconditionedWarning
-from kfac2l.optim.step import get_task, training_step
+from kfac2l.optim.step import get_task, mixed_precision, training_step
 from kfac2l.runs import identity_diff, identity_id, read_summary
 from kfac2l.runs.checkpoint import CheckpointError, load_checkpoint, remove_checkpoint, save_checkpoint
 from kfac2l.runs.recorder import Progress, RunRecorder
@@ -164,7 +164,7 @@ def run_identity(cfg: DictConfig, lr: float, opts: dict) -> dict:
         "convention": cfg.convention.name,
         "seed": int(cfg.seed),
         "divergence": _container(cfg.divergence),
-    }
+    } | ({} if cfg.get("precision", "float32") == "float32" else {"precision": cfg.precision})
 
 
 def validate(cfg: DictConfig) -> tuple[float, dict]:
@@ -172,7 +172,7 @@ def validate(cfg: DictConfig) -> tuple[float, dict]:
     bad value and the valid choices or range. Returns (lr, optimiser options)."""
     known = {"model", "dataset", "optimizer", "profile", "search", "launcher", "logger", "paths", "experiment",
              "convention", "seed", "device", "diagnostics", "exact_reference", "use_best", "progress",
-             "checkpoint", "divergence"}
+             "checkpoint", "divergence", "precision"}
     extra = sorted(set(cfg.keys()) - known)
     if extra:
         raise ConfigError(f"unknown top-level key(s) {extra}; valid: {', '.join(sorted(known))}")
@@ -207,7 +207,10 @@ def validate(cfg: DictConfig) -> tuple[float, dict]:
     if not isinstance(div.factor, (int, float)) or not div.factor > 1 or not isinstance(div.epochs, int) or div.epochs < 1:
         raise ConfigError(f"divergence={_container(div)}; valid: factor > 1 and epochs an integer >= 1")
     _choice("progress", str(cfg.progress), ["auto", "True", "False", "true", "false"])
-    _device(cfg.device)
+    try:
+        mixed_precision(cfg.get("precision", "float32"), _device(cfg.device))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     _check_writable_root(Path(str(cfg.dataset.root)), "dataset.root")
     lr, opts = optimizer_options(cfg)
     try:  # the optimiser's own checks (option names, values), on a throw-away model
@@ -403,6 +406,7 @@ class Run:
         with warnings.catch_warnings():  # recorded in the summary instead
             warnings.simplefilter("ignore", UnpreconditionedWarning)
             self.optimizer = make_optimizer(cfg.optimizer.name, self.model, lr=lr, **self.opts)
+        self.autocast, self.optimizer.grad_scaler = mixed_precision(cfg.get("precision", "float32"), self.device)
         pre = self.optimizer.preconditioner
         self.data_gen = torch.Generator().manual_seed(cfg.seed)
         self.fisher_gen = torch.Generator(device=self.device)
@@ -458,7 +462,7 @@ class Run:
                 continue
             self.fisher_gen.manual_seed(fisher_seed(cfg.seed, p.iterations))
             losses.append(training_step(self.model, self.optimizer, self.task, x, y, cfg.profile.fisher_fraction,
-                                        self.fisher_gen))
+                                        self.fisher_gen, autocast=self.autocast))
             p.iterations += 1
             self._record_step(p)
             if stop.signum is not None:

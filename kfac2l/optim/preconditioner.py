@@ -49,8 +49,21 @@ KL_CLIP_FORMS = ("unscaled", "lr_squared")
 EIGENBASIS = ("auto", "always", "never")
 
 
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _in_parameter_dtype(modules, per_module):
+    """Captured activations / output gradients of an autocast pass (bfloat16, float16), one list
+    of calls per module, cast to the dtype of their layer's weight, so that factors and Fisher
+    products are formed in it."""
+    return [[t if t is None or t.dtype == m.weight.dtype else t.to(m.weight.dtype) for t in calls]
+            for m, calls in zip(modules, per_module)]
+
+
 class UnpreconditionedWarning(UserWarning):
     """Modules with parameters that keep their plain gradient (not Linear/Conv2d, or excluded)."""
+
+
 EMA_COUNTS = ("refreshes", "iterations")
 
 
@@ -124,6 +137,7 @@ class CurvaturePreconditioner:
         self.groups: list[LayerGroup] | None = None
         self.group_indices: list[list[int]] | None = None  # layer grouping, kept across steps
         self._batch_step = -1
+        self._uncommitted = False  # a Fisher batch taken but not yet folded into the state
         self._diag: dict[str, torch.Tensor] = {}
 
     # ----------------------------------------------------------------- Fisher batch
@@ -153,6 +167,10 @@ class CurvaturePreconditioner:
         if self._batch_step != self.steps and not self.needs_curvature():
             self.capture.clear()
             return
+        with self._autocast_off():
+            self._take_fisher_batch(output, likelihood, targets, generator)
+
+    def _take_fisher_batch(self, output, likelihood, targets, generator) -> None:
         outputs = self.capture.outputs
         missing = [name for (name, _), o in zip(self.layers, outputs) if o is None]
         if missing:
@@ -164,6 +182,7 @@ class CurvaturePreconditioner:
                 "leave it out with exclude=[name]"
             )
         self.capture.check_inputs([name for name, _ in self.layers])
+        output = output.float() if output.dtype in LOW_PRECISION else output
         if targets is None:
             targets = sample_targets(output, likelihood, generator)
         nll = summed_nll(output, targets, likelihood)
@@ -172,11 +191,16 @@ class CurvaturePreconditioner:
         flat = torch.autograd.grad(nll, calls, retain_graph=True, allow_unused=True)
         flat = iter([go if go is not None else torch.zeros_like(out) for out, go in zip(calls, flat)])
         grads = [[next(flat) for _ in xs] for xs in inputs]  # each call's own output gradient
+        inputs, grads = _in_parameter_dtype(self.modules, inputs), _in_parameter_dtype(self.modules, grads)
         self.groups = capture_groups(self.modules, inputs, grads)
         self.group_indices = [list(g.indices) for g in self.groups]
         self.capture.clear()
         self._batch_step = self.steps
-        self._on_fisher_batch()
+        self._uncommitted = True  # folded into the curvature state by step(), not by skip()
+
+    def _autocast_off(self):
+        """Full precision inside the preconditioner even when called under ``torch.autocast``."""
+        return torch.autocast(self.modules[0].weight.device.type, enabled=False)
 
     def _on_fisher_batch(self) -> None:
         pass
@@ -218,9 +242,29 @@ class CurvaturePreconditioner:
 
     @torch.no_grad()
     def step(self) -> None:
-        """Replace ``.grad`` of the preconditioned layers by the step direction zeta."""
+        """Replace ``.grad`` of the preconditioned layers by the step direction zeta; this step's
+        Fisher batch is folded into the curvature state here (see ``skip``). The gradients must
+        be unscaled (``GradScaler.unscale_``, done by ``kfac2l.optim.Optimizer``)."""
         if self.group_indices is None:
             raise RuntimeError(f"call {type(self).__name__}.update_curvature() before the first step()")
+        with self._autocast_off():
+            self._step()
+
+    def skip(self) -> None:
+        """Give up this step (a GradScaler found inf/nan gradients): the Fisher batch is dropped and
+        no curvature state (factors, counters, inverses) changes; the next step takes a new one."""
+        self.capture.clear()
+        self.groups, self._batch_step, self._uncommitted = None, -1, False
+        self._diag = {}
+
+    def _commit_fisher_batch(self) -> None:
+        """Fold this step's Fisher batch into the curvature state (once; see ``skip``)."""
+        if self._uncommitted:
+            self._uncommitted = False
+            self._on_fisher_batch()
+
+    def _step(self) -> None:
+        self._commit_fisher_batch()
         self._diag = {}
         self.capture.clear()  # drop references to this step's layer outputs
         grads = self._gather()
@@ -264,7 +308,7 @@ class CurvaturePreconditioner:
     def load_state_dict(self, state: dict) -> None:
         self.steps, self.damping, self.lr = int(state["steps"]), float(state["damping"]), float(state["lr"])
         self.group_indices = state["group_indices"]
-        self.groups, self._batch_step = None, -1
+        self.groups, self._batch_step, self._uncommitted = None, -1, False
 
     def _record_exact(self, groups, grads, candidates: dict[str, list[torch.Tensor]]) -> None:
         zeta = natural_gradient(groups, grads, self.damping)
@@ -363,6 +407,7 @@ class KFAC(CurvaturePreconditioner):
         return 1
 
     def _inverses(self) -> list[DampedKronecker]:
+        self._commit_fisher_batch()
         due = self.steps % self.inv_interval == 0 or self.kron is None or self._kron_damping != self.damping
         if due:
             previous = self.kron if self.kron is not None and len(self.kron) == len(self.factors) else None

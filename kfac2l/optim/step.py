@@ -44,6 +44,20 @@ TASKS = {
 }
 
 
+PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def mixed_precision(name: str, device: torch.device) -> tuple[torch.dtype | None, torch.amp.GradScaler | None]:
+    """(autocast dtype for ``training_step``, GradScaler for ``Optimizer.grad_scaler``) of the
+    runner's ``precision`` key: float32 (neither), bfloat16 (autocast; its range is float32's, so
+    no loss scaling), float16 (autocast and a GradScaler; CUDA only). docs/mixed_precision.md."""
+    if name not in PRECISIONS:
+        raise ValueError(f"precision={name!r} is not valid; choose one of {tuple(PRECISIONS)}")
+    if name == "float16" and device.type != "cuda":
+        raise ValueError(f"precision='float16' needs a CUDA device, not {str(device)!r}; valid here: float32, bfloat16")
+    return PRECISIONS[name], torch.amp.GradScaler(device.type) if name == "float16" else None
+
+
 def get_task(name: str) -> Task:
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; valid tasks: {', '.join(TASKS)}")
@@ -74,6 +88,7 @@ def training_step(
     y: torch.Tensor | None,
     fisher_fraction: float = 0.25,
     generator: torch.Generator | None = None,
+    autocast: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Fisher pass if due, then the loss, backward, preconditioning and the base step.
 
@@ -81,15 +96,33 @@ def training_step(
     when None); the runner reseeds it every iteration so that the Fisher batch of an iteration
     does not depend on how many Fisher passes came before (diagnostics, which take one every
     step, then leave the trajectory unchanged, and a resumed run draws the same batches).
+    ``autocast``: run both forward passes under ``torch.autocast`` in this dtype (bfloat16, or
+    float16 with ``optimizer.grad_scaler`` set; docs/mixed_precision.md); the loss is taken in
+    float32 and the curvature is formed in the parameters' dtype.
     Returns the mini-batch loss as a 0-dim tensor (not synchronised)."""
     target = x if task.autoencoder else y
+    forward = _forward(model, x.device.type, autocast)
     if optimizer.needs_curvature():
         size = max(1, int(round(fisher_fraction * x.shape[0])))
         idx = torch.randint(0, x.shape[0], (size,), device=x.device, generator=generator)
         with batchnorm_statistics_kept(model):
-            optimizer.update_curvature(model(x[idx]), task.likelihood, generator=generator)
+            optimizer.update_curvature(forward(x[idx]), task.likelihood, generator=generator)
     optimizer.zero_grad()
-    loss = task.loss(model(x), target)
-    loss.backward()
+    loss = task.loss(forward(x), target)
+    scaler = optimizer.grad_scaler
+    (loss if scaler is None else scaler.scale(loss)).backward()
     optimizer.step()
     return loss.detach()
+
+
+def _forward(model: nn.Module, device_type: str, autocast: torch.dtype | None):
+    """model(x), or model(x) under ``torch.autocast(device_type, autocast)`` returned in float32."""
+    if autocast is None:
+        return model
+
+    def forward(x):
+        with torch.autocast(device_type, dtype=autocast):
+            out = model(x)
+        return out.float()
+
+    return forward
