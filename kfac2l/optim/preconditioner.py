@@ -81,9 +81,11 @@ class CurvaturePreconditioner:
         lr: learning rate used by KL-clipping only (kept in sync by ``kfac2l.optim.Optimizer``).
         kl_clip: kappa; if set, the step zeta is scaled by nu (applied before the base optimiser's lr).
         kl_clip_form: 'unscaled' (default) nu = min(1, sqrt(kappa / sum_i |<zeta_i, grad_i>|)),
-            the form of the authors' code, for which the protocol's kappa values were tuned;
+            the form of the authors' code (natural-gradients@97105b6 optimizers/kfac.py:136-146, which sums per
+            parameter tensor, weight and bias apart), for which the protocol's kappa values were tuned;
             'lr_squared' nu = min(1, sqrt(kappa / (lr^2 |<zeta, grad>|))) (Martens & Grosse 2015,
-            kfac-pytorch), with the same kappa a much weaker clip at lr < 1.
+            kfac-pytorch, e.g. KFAC-Pytorch@2ff652f optimizers/kfac.py:144-154), with the same kappa
+            a much weaker clip at lr < 1.
         diagnostics: record the last step's diagnostics (see ``diagnostics``).
         exact_reference: with diagnostics, also compute the exact natural gradient on the Fisher
             batch and the true F_bullet-distances to it.
@@ -328,11 +330,14 @@ class KFAC(CurvaturePreconditioner):
 
     Args (besides those of ``CurvaturePreconditioner``):
         damping_mode: 'pi' (eq. 2.30, default), 'factor' (lambda added to each factor, as the
-            authors' two-level code did), 'exact' ((A (x) G + lambda I)^{-1} in the eigenbasis)
-            or 'unit_pi' (sqrt(lambda / T) added to each factor, the authors' KFAC baseline).
+            authors' two-level code did, natural-gradients@97105b6 optimizers/twolevel_kfac.py:128-132),
+            'exact' ((A (x) G + lambda I)^{-1} in the eigenbasis)
+            or 'unit_pi' (sqrt(lambda / T) added to each factor, the authors' KFAC baseline,
+            natural-gradients@97105b6 optimizers/kfac.py:357-388).
         ema_decay: moving-average weight cap; rho = min(1 - 1/k, ema_decay).
         ema_count: what k counts: 'refreshes' (default; the running average of the factor
-            estimates) or 'iterations' (the step counter at the refresh, as the authors' code).
+            estimates) or 'iterations' (the step counter at the refresh, as the authors' code,
+            natural-gradients@97105b6 optimizers/twolevel_kfac.py:517).
         freeze_factors: keep the factors of the first Fisher batch forever (the authors' KFAC
             baseline in effect, docs/protocol.md; an ablation, never a default).
         cov_interval: T_cov, refresh the factors every this many steps (1 in the library,
@@ -519,7 +524,9 @@ class TwoLevelKFAC(KFAC):
 
     The coarse operator F_coarse = R0 F_bullet R0^T (3.12) and the residual are computed every
     step from the Fisher batch of that step, so the two are always consistent (unlike the authors'
-    code). PREVIOUS, with its Kronecker coarse operator, is ``PreviousKFAC``.
+    code, natural-gradients@97105b6 optimizers/twolevel_kfac.py:255-278, whose operator is averaged over
+    time, rebuilt every 100 steps, from a Fisher batch up to 99 steps old). PREVIOUS, with its Kronecker
+    coarse operator, is ``PreviousKFAC``.
     """
 
     def __init__(

@@ -60,7 +60,9 @@ PANELS: dict[str, Panel] = {p.name: p for p in [
 ]}
 
 # The authors' selected settings on deep linear A (docs/protocol.md, "The authors' public code"):
-# their two-level files without the undisclosed coefficient c use lr 1e-2, damping 1e-2.
+# KFAC lr 1e-2, damping 1e-2 (natural-gradients@97105b6 apps/mlp_cnn/results_ref/twolevel_kfac/F_MNIST/
+# outputs_512/kfac_params.npy), SGD and Adam lr 1e-3; the two-level arms run at KFAC's settings, which are
+# those of their PREVIOUS run (kfac_2L_dd_ones); their other two-level runs used lr 1e-3, damping 1e-3 and c.
 AUTHORS_SETTINGS = {"sgd": (1e-3, None), "adam": (1e-3, None), **{o: (1e-2, 1e-2) for o in ("kfac", *TWO_LEVEL)}}
 
 
