@@ -193,7 +193,7 @@ def test_fashion_mnist_fixture_only_where_debian_absent(tmp_path):
 
 
 def test_interrupted_run_is_not_complete(data_root, tmp_path, monkeypatch):
-    import kfac2l.train as runner
+    import kfac2l.loop as runner
 
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
