@@ -45,7 +45,8 @@ from kfac2l.io import atomic_write_text, git_commit, machine
 from kfac2l.models import INITS, MODELS, build_model
 from kfac2l.optim import REGISTRY, TWO_LEVEL, make_optimizer
 from kfac2l.optim.preconditioner import UnpreconditionedWarning
-from kfac2l.optim.step import get_task, training_step
+from kfac2l.optim.scheduler import make_scheduler, scheduler_problem
+from kfac2l.optim.step import TASKS, get_task, training_step
 from kfac2l.runs import identity_diff, identity_id, read_summary
 from kfac2l.runs.checkpoint import CheckpointError, load_checkpoint, remove_checkpoint, save_checkpoint
 from kfac2l.runs.recorder import Progress, RunRecorder
@@ -152,19 +153,40 @@ def run_identity(cfg: DictConfig, lr: float, opts: dict) -> dict:
                "md5": ds.md5}
     if "num_samples" in ds:
         dataset["num_samples"] = ds.num_samples
+    experiment = {"name": cfg.experiment.name, "task": cfg.experiment.task, "batch_size": int(cfg.experiment.batch_size)}
+    profile = {"name": cfg.profile.name, "fisher_fraction": float(cfg.profile.fisher_fraction)}
+    # settings added later enter the identity only when used: older identities stay valid
+    if scheduler_spec(cfg) is not None:
+        experiment["scheduler"] = scheduler_spec(cfg)
+    if fisher_batch(cfg) != "resampled":
+        profile["fisher_batch"] = fisher_batch(cfg)
     return {
-        "experiment": {"name": cfg.experiment.name, "task": cfg.experiment.task,
-                       "batch_size": int(cfg.experiment.batch_size)},
+        "experiment": experiment,
         "model": {"name": cfg.model.name, "init": cfg.model.init, "options": _container(cfg.model.options)},
         "dataset": dataset,
         "data": {"train_subset": cfg.profile.train_subset, "test_subset": cfg.profile.test_subset},
         "budget": {"max_epochs": max_epochs(cfg), "patience": int(cfg.profile.patience)},
-        "profile": {"name": cfg.profile.name, "fisher_fraction": float(cfg.profile.fisher_fraction)},
+        "profile": profile,
         "optimizer": {"name": cfg.optimizer.name, "lr": lr, "options": opts},
         "convention": cfg.convention.name,
         "seed": int(cfg.seed),
         "divergence": _container(cfg.divergence),
     }
+
+
+def scheduler_spec(cfg: DictConfig) -> dict | None:
+    """``experiment.scheduler`` as a dict (``kfac2l.optim.scheduler``), None when absent or null."""
+    spec = cfg.experiment.get("scheduler")
+    return None if spec is None else _container(spec)
+
+
+FISHER_BATCHES = ("resampled", "minibatch")
+
+
+def fisher_batch(cfg: DictConfig) -> str:
+    """``convention.fisher_batch``: 'resampled' (default: fisher_fraction * B samples drawn from the
+    mini-batch) or 'minibatch' (the mini-batch itself, Tselepidis et al.'s code)."""
+    return str(cfg.convention.get("fisher_batch", "resampled"))
 
 
 def validate(cfg: DictConfig) -> tuple[float, dict]:
@@ -178,7 +200,11 @@ def validate(cfg: DictConfig) -> tuple[float, dict]:
         raise ConfigError(f"unknown top-level key(s) {extra}; valid: {', '.join(sorted(known))}")
     _choice("model", cfg.model.name, list(MODELS))
     _choice("model.init", cfg.model.init, INITS)
-    _choice("task", cfg.experiment.task, ["classification", "bernoulli_autoencoder", "gaussian_autoencoder"])
+    _choice("task", cfg.experiment.task, list(TASKS))
+    _choice("convention.fisher_batch", fisher_batch(cfg), FISHER_BATCHES)
+    problem = scheduler_problem(scheduler_spec(cfg))
+    if problem:
+        raise ConfigError(problem)
     for key, value in (("seed", cfg.seed), ("experiment.batch_size", cfg.experiment.batch_size)):
         if not isinstance(value, int) or isinstance(value, bool):
             raise ConfigError(f"{key}={value!r} is not an integer; valid: an integer")
@@ -266,9 +292,10 @@ def _check_fit(model_name: str, model, data: DataSplits, task) -> None:
         with torch.no_grad():
             out = model.eval()(data.x_train[:2].float())
         model.train()
-        if out.shape[-1] != data.num_classes:
-            raise ConfigError(f"model {model_name!r} has {out.shape[-1]} outputs but dataset {data.name!r} "
-                              f"has {data.num_classes} classes (set model.options.num_classes)")
+        expected = task.outputs or data.num_classes
+        if out.shape[-1] != expected:
+            raise ConfigError(f"model {model_name!r} has {out.shape[-1]} outputs but task {task.name!r} on dataset "
+                              f"{data.name!r} needs {expected} (set model.options.num_classes)")
 
 
 def _device(name: str) -> torch.device:
@@ -287,7 +314,7 @@ def _device(name: str) -> torch.device:
 
 @torch.no_grad()
 def evaluate(model, task, x, y, device, batch: int = 1024) -> tuple[float, float | None]:
-    """Mean test loss and accuracy (classification) in eval mode."""
+    """Mean test loss and accuracy (classification: ``task.predict``, argmax or sigmoid > 0.5) in eval mode."""
     model.eval()
     total, correct, n = 0.0, 0, 0
     for k in range(0, x.shape[0], batch):
@@ -296,7 +323,7 @@ def evaluate(model, task, x, y, device, batch: int = 1024) -> tuple[float, float
         target = xb if task.autoencoder else y[k : k + batch].to(device)
         total += task.loss(out, target).item() * xb.shape[0]
         if not task.autoencoder:
-            correct += (out.argmax(1) == target).sum().item()
+            correct += (task.predict(out) == target).sum().item()
         n += xb.shape[0]
     model.train()
     return total / max(n, 1), (None if task.autoencoder else correct / max(n, 1))
@@ -403,6 +430,8 @@ class Run:
         with warnings.catch_warnings():  # recorded in the summary instead
             warnings.simplefilter("ignore", UnpreconditionedWarning)
             self.optimizer = make_optimizer(cfg.optimizer.name, self.model, lr=lr, **self.opts)
+        self.scheduler = make_scheduler(scheduler_spec(cfg), self.optimizer.base)
+        self.resample = fisher_batch(cfg) == "resampled"
         pre = self.optimizer.preconditioner
         self.data_gen = torch.Generator().manual_seed(cfg.seed)
         self.fisher_gen = torch.Generator(device=self.device)
@@ -430,6 +459,8 @@ class Run:
         """Continue from a checkpoint of this identity."""
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(_to_device(state["optimizer"], self.device))
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
         self.data_gen.set_state(state["data_generator"])
         self.progress.load(state["progress"])
         p = self.progress
@@ -439,10 +470,13 @@ class Run:
               + (f" (+{p.batch} batches)" if p.batch else ""), file=sys.stderr)
 
     def checkpoint(self) -> None:
-        save_checkpoint(self.out_dir, {
+        state = {
             "identity_id": self.ident, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "data_generator": self.data_gen.get_state(), "progress": self.progress.state(),
-        })
+        }
+        if self.scheduler is not None:
+            state["scheduler"] = self.scheduler.state_dict()
+        save_checkpoint(self.out_dir, state)
 
     def _epoch(self, epoch: int, batches, stop, show: bool, t_start: float) -> float:
         """Train one epoch (or its rest, after a mid-epoch checkpoint); the epoch's training loss.
@@ -458,7 +492,7 @@ class Run:
                 continue
             self.fisher_gen.manual_seed(fisher_seed(cfg.seed, p.iterations))
             losses.append(training_step(self.model, self.optimizer, self.task, x, y, cfg.profile.fisher_fraction,
-                                        self.fisher_gen))
+                                        self.fisher_gen, resample=self.resample))
             p.iterations += 1
             self._record_step(p)
             if stop.signum is not None:
@@ -490,6 +524,8 @@ class Run:
         p.rows.append({"epoch": epoch, "iterations": p.iterations, "train_loss": train_loss, "test_loss": test_loss,
                        "test_accuracy": test_acc, "wall_time": p.elapsed})
         p.epoch, p.batch, p.epoch_losses = epoch + 1, 0, []
+        if self.scheduler is not None:
+            self.scheduler.step(p.rows[-1])
         if wandb_run is not None:
             wandb_run.log({k: v for k, v in p.rows[-1].items() if v is not None}, step=epoch)
         self.reason = _divergence(self.cfg, self.task, self.data, p, train_loss)

@@ -102,3 +102,77 @@ def test_binary_task_loss_prediction_and_fisher_targets():
     assert torch.allclose(task.loss(logits, target), expected.reshape(()))
     assert torch.equal(task.predict(logits), torch.tensor([[0.0], [0.0], [1.0]]))
     assert task.likelihood == "bernoulli" and task.outputs == 1
+
+
+CONFIGS = str(Path(__file__).resolve().parents[1] / "configs")
+
+
+def _cfg(overrides):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
+        return compose("train", overrides=overrides)
+
+
+def test_fisher_statistics_from_the_minibatch_itself():
+    """resample=False: the first layer's A factor is X^T X / B of the training batch (float64
+    reference; float32 GEMM bound n eps sum |x_i x_j|)."""
+    from kfac2l.optim import make_optimizer
+    from kfac2l.optim.step import training_step
+
+    model = build_model("tko_mlp", init="kaiming", seed=0, depth=2)
+    x = torch.randn(64, 10, generator=torch.Generator().manual_seed(1))
+    y = (x[:, :1] > 0).float()
+    opt = make_optimizer("kfac", model, lr=0.01, damping=1e-3, cov_interval=10, inv_interval=100)
+    training_step(model, opt, get_task("binary_classification"), x, y, 0.25, torch.Generator(), resample=False)
+    A = opt.preconditioner.factors[0].A[0]
+    x64 = x.double()
+    expected = x64.T @ x64 / 64
+    eps = torch.finfo(torch.float32).eps
+    bound = 64 * eps * (x64.abs().T @ x64.abs() / 64) + eps * expected.abs()
+    assert ((A.double() - expected).abs() <= bound).all()
+    assert not opt.needs_curvature()  # T_cov = 10: the next statistics at step 10
+
+
+def test_plateau_scheduler_divides_the_lr_after_patience_epochs():
+    from kfac2l.optim.scheduler import make_scheduler, scheduler_problem
+
+    param = nn.Parameter(torch.zeros(1))
+    base = torch.optim.SGD([param], lr=0.01)
+    sched = make_scheduler({"name": "plateau", "patience": 1, "factor": 0.1}, base)
+    for loss, lr in ((1.0, 0.01), (1.0, 0.01), (1.0, 0.001), (0.5, 0.001)):
+        sched.step({"test_loss": loss, "train_loss": 9.0})
+        assert base.param_groups[0]["lr"] == pytest.approx(lr)
+    assert "valid: plateau" in scheduler_problem({"name": "cosine"})
+    assert "valid: test_loss, train_loss" in scheduler_problem({"monitor": "accuracy"})
+
+
+def test_convention_tko_options():
+    from kfac2l.train import fisher_batch, optimizer_options
+
+    cfg = _cfg(["experiment=tko_toy", "convention=tko", "optimizer=kfac", "optimizer.damping=1e-3"])
+    lr, opts = optimizer_options(cfg)
+    assert lr == 1e-2 and fisher_batch(cfg) == "minibatch" and cfg.model.init == "kaiming"
+    assert {k: opts[k] for k in ("kl_clip_form", "weight_decay", "cov_interval", "inv_interval", "damping_mode",
+                                 "ema_count", "damping", "kl_clip")} == {
+        "kl_clip_form": "lr_squared", "weight_decay": 3e-3, "cov_interval": 10, "inv_interval": 100,
+        "damping_mode": "pi", "ema_count": "refreshes", "damping": 1e-3, "kl_clip": 1e-2}
+    _, previous = optimizer_options(_cfg(["experiment=tko_toy", "convention=tko", "optimizer=previous"]))
+    assert previous["coarse_scale"] == 1.0 and previous["cov_interval"] == 10
+    assert fisher_batch(_cfg(["experiment=tko_toy"])) == "resampled"
+
+
+def test_one_epoch_of_kfac_under_convention_tko_completes(tmp_path):
+    import pandas as pd
+
+    from kfac2l.train import train
+
+    cfg = _cfg(["experiment=tko_toy", "convention=tko", "optimizer=kfac", "optimizer.damping=1e-3",
+                "profile.train_subset=1280", "profile.test_subset=256", "profile.max_epochs=1",
+                f"paths.runs={tmp_path}", "device=cpu"])
+    summary = train(cfg, tmp_path / "run")
+    assert summary["status"] == "completed" and summary["epochs_run"] == 1
+    row = pd.read_csv(tmp_path / "run" / "metrics.csv").iloc[0]
+    assert row["iterations"] == 20 and np.isfinite(row["train_loss"]) and 0 <= row["test_accuracy"] <= 1
+    identity = summary["identity"]
+    assert identity["profile"]["fisher_batch"] == "minibatch" and identity["experiment"]["scheduler"]["patience"] == 10
