@@ -162,6 +162,20 @@ def test_convention_tko_options():
     assert fisher_batch(_cfg(["experiment=tko_toy"])) == "resampled"
 
 
+def test_convention_tko_builds_every_optimizer(tmp_path):
+    from kfac2l.optim import OPTIMIZERS
+    from kfac2l.train import ConfigError, validate
+
+    for name in OPTIMIZERS:
+        damping = "optimizer.damping=null" if name in ("sgd", "adam") else "optimizer.damping=1e-3"
+        validate(_cfg(["experiment=tko_toy", "convention=tko", f"optimizer={name}", damping,
+                       f"dataset.root={tmp_path}"]))
+    with pytest.raises(ConfigError, match="convention.fisher_batch 'every'; valid: resampled, minibatch"):
+        validate(_cfg(["experiment=tko_toy", "convention.fisher_batch=every", f"dataset.root={tmp_path}"]))
+    with pytest.raises(ConfigError, match="experiment.scheduler.factor=2; valid"):
+        validate(_cfg(["experiment=tko_toy", "experiment.scheduler.factor=2", f"dataset.root={tmp_path}"]))
+
+
 def test_one_epoch_of_kfac_under_convention_tko_completes(tmp_path):
     import pandas as pd
 
@@ -176,3 +190,39 @@ def test_one_epoch_of_kfac_under_convention_tko_completes(tmp_path):
     assert row["iterations"] == 20 and np.isfinite(row["train_loss"]) and 0 <= row["test_accuracy"] <= 1
     identity = summary["identity"]
     assert identity["profile"]["fisher_batch"] == "minibatch" and identity["experiment"]["scheduler"]["patience"] == 10
+
+
+def test_resumed_run_with_a_scheduler_matches_the_uninterrupted_run(tmp_path, monkeypatch):
+    """The plateau schedule's state travels in the checkpoint: a run stopped after epoch 2 and
+    relaunched ends with the losses and learning rates of the run that never stopped."""
+    import pandas as pd
+
+    from kfac2l import train as runner
+
+    args = ["experiment=tko_toy", "convention=tko", "optimizer=kfac", "optimizer.damping=1e-3", "model.depth=2",
+            "profile.train_subset=640", "profile.test_subset=128", "profile.max_epochs=5", "device=cpu",
+            "experiment.scheduler.patience=0", "checkpoint.every=1"]
+    original = runner.Run._after_epoch
+    lrs = {"whole": [], "cut": []}
+
+    def recording(name, stop_at=None):
+        def after_epoch(self, epoch, *rest):
+            if epoch == stop_at:
+                raise KeyboardInterrupt
+            outcome = original(self, epoch, *rest)
+            lrs[name].append(self.optimizer.lr)
+            return outcome
+        return after_epoch
+
+    monkeypatch.setattr(runner.Run, "_after_epoch", recording("whole"))
+    whole = runner.train(_cfg(args), tmp_path / "whole")
+    monkeypatch.setattr(runner.Run, "_after_epoch", recording("cut", stop_at=3))
+    with pytest.raises(KeyboardInterrupt):
+        runner.train(_cfg(args), tmp_path / "cut")
+    monkeypatch.setattr(runner.Run, "_after_epoch", recording("cut"))
+    resumed = runner.train(_cfg(args), tmp_path / "cut")
+    assert whole["status"] == resumed["status"] == "completed" and resumed["resumed_from_epoch"] == 2
+    assert len(set(lrs["whole"])) > 1, lrs  # the schedule did act (patience 0 on the test loss)
+    assert lrs["cut"] == lrs["whole"]
+    a, b = (pd.read_csv(tmp_path / d / "metrics.csv") for d in ("whole", "cut"))
+    assert a["train_loss"].tolist() == b["train_loss"].tolist() and a["test_loss"].tolist() == b["test_loss"].tolist()
