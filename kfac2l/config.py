@@ -13,7 +13,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from kfac2l.models import INITS, MODELS
 from kfac2l.optim import REGISTRY, TWO_LEVEL, make_optimizer
-from kfac2l.optim.step import mixed_precision
+from kfac2l.optim.scheduler import scheduler_problem
+from kfac2l.optim.step import TASKS, mixed_precision
 from kfac2l.select import read_selection
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -120,19 +121,40 @@ def run_identity(cfg: DictConfig, lr: float, opts: dict) -> dict:
                "md5": ds.md5}
     if "num_samples" in ds:
         dataset["num_samples"] = ds.num_samples
+    experiment = {"name": cfg.experiment.name, "task": cfg.experiment.task, "batch_size": int(cfg.experiment.batch_size)}
+    profile = {"name": cfg.profile.name, "fisher_fraction": float(cfg.profile.fisher_fraction)}
+    # settings added later enter the identity only when used: older identities stay valid
+    if scheduler_spec(cfg) is not None:
+        experiment["scheduler"] = scheduler_spec(cfg)
+    if fisher_batch(cfg) != "resampled":
+        profile["fisher_batch"] = fisher_batch(cfg)
     return {
-        "experiment": {"name": cfg.experiment.name, "task": cfg.experiment.task,
-                       "batch_size": int(cfg.experiment.batch_size)},
+        "experiment": experiment,
         "model": {"name": cfg.model.name, "init": cfg.model.init, "options": as_dict(cfg.model.options)},
         "dataset": dataset,
         "data": {"train_subset": cfg.profile.train_subset, "test_subset": cfg.profile.test_subset},
         "budget": {"max_epochs": max_epochs(cfg), "patience": int(cfg.profile.patience)},
-        "profile": {"name": cfg.profile.name, "fisher_fraction": float(cfg.profile.fisher_fraction)},
+        "profile": profile,
         "optimizer": {"name": cfg.optimizer.name, "lr": lr, "options": opts},
         "convention": cfg.convention.name,
         "seed": int(cfg.seed),
         "divergence": as_dict(cfg.divergence),
     } | ({} if cfg.get("precision", "float32") == "float32" else {"precision": cfg.precision})
+
+
+def scheduler_spec(cfg: DictConfig) -> dict | None:
+    """``experiment.scheduler`` as a dict (``kfac2l.optim.scheduler``), None when absent or null."""
+    spec = cfg.experiment.get("scheduler")
+    return None if spec is None else as_dict(spec)
+
+
+FISHER_BATCHES = ("resampled", "minibatch")
+
+
+def fisher_batch(cfg: DictConfig) -> str:
+    """``convention.fisher_batch``: 'resampled' (default: fisher_fraction * B samples drawn from the
+    mini-batch) or 'minibatch' (the mini-batch itself, Tselepidis et al.'s code)."""
+    return str(cfg.convention.get("fisher_batch", "resampled"))
 
 
 def validate(cfg: DictConfig) -> tuple[float, dict]:
@@ -146,7 +168,11 @@ def validate(cfg: DictConfig) -> tuple[float, dict]:
         raise ConfigError(f"unknown top-level key(s) {extra}; valid: {', '.join(sorted(known))}")
     _choice("model", cfg.model.name, list(MODELS))
     _choice("model.init", cfg.model.init, INITS)
-    _choice("task", cfg.experiment.task, ["classification", "bernoulli_autoencoder", "gaussian_autoencoder"])
+    _choice("task", cfg.experiment.task, list(TASKS))
+    _choice("convention.fisher_batch", fisher_batch(cfg), FISHER_BATCHES)
+    problem = scheduler_problem(scheduler_spec(cfg))
+    if problem:
+        raise ConfigError(problem)
     for key, value in (("seed", cfg.seed), ("experiment.batch_size", cfg.experiment.batch_size)):
         if not isinstance(value, int) or isinstance(value, bool):
             raise ConfigError(f"{key}={value!r} is not an integer; valid: an integer")
