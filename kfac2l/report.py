@@ -31,7 +31,7 @@ from kfac2l.runs import iter_runs
 
 MARKER = re.compile(r"(<!-- table:(?P<name>[^ ]+) -->\n)(?P<body>.*?)(<!-- /table -->)", re.S)
 VALUE = re.compile(r"(<!-- value:(?P<key>[^ ]+) -->)(?P<body>[^<]*)(<!-- /value -->)")
-DOCUMENTS = ("README.md", "docs/report.md")
+DOCUMENTS = ("README.md", "docs/report.md", "docs/experiments.md")
 
 
 def _g(x) -> str:

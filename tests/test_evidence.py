@@ -103,7 +103,8 @@ def test_recheck_reproduces_a_run_bit_for_bit_and_reports_a_changed_file(data_ro
 
 
 def test_report_and_readme_agree_with_committed_results():
-    from kfac2l.report import main
+    """Every generated table and number of README.md, docs/report.md and docs/experiments.md."""
+    from kfac2l.report import DOCUMENTS, main
 
-    docs = [str(REPO / "README.md"), str(REPO / "docs" / "report.md")]
+    docs = [str(REPO / d) for d in DOCUMENTS]
     assert main(["--readme", *docs, "--results", str(REPO / "results"), "--check"]) == 0

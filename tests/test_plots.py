@@ -121,10 +121,3 @@ def test_report_renders_median_and_range_and_keeps_readme_in_sync(results, tmp_p
     # distance ratio: median over the seeds of (0.5, 0.7); gap negative at every iteration
     assert residu.split("|")[-3].strip() == "0.6" and residu.split("|")[-2].strip() == "100 %"
     assert update(new, results) == new
-
-
-def test_readme_tables_agree_with_committed_results():
-    from kfac2l.report import main
-
-    repo = Path(__file__).resolve().parents[1]
-    assert main(["--readme", str(repo / "README.md"), "--results", str(repo / "results"), "--check"]) == 0
