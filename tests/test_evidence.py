@@ -108,3 +108,21 @@ def test_report_and_readme_agree_with_committed_results():
 
     docs = [str(REPO / d) for d in DOCUMENTS]
     assert main(["--readme", *docs, "--results", str(REPO / "results"), "--check"]) == 0
+
+
+def test_every_planned_run_composes_and_validates():
+    """kfac2l.plan's multiruns: the first value of every swept key composes under Hydra and passes
+    validation (so a planned arm cannot fail at launch on a bad override)."""
+    from kfac2l.plan import arms
+    from kfac2l.train import validate
+
+    plan = arms(REPO / "results", "local")
+    assert set(plan) == {"selected", "matched", "noclip", "clipgrid", "select11", "exactref"}
+    names = set()
+    for calls in plan.values():
+        for overrides in calls:
+            single = [o.split(",")[0] if "=" in o and not o.startswith("launcher") else o for o in overrides]
+            cfg = _cfg([o for o in single if not o.startswith("launcher=")])
+            validate(cfg)
+            names.add(cfg.experiment.name)
+    assert {"deep_linear_a", "deep_linear_a_matched", "deep_linear_a_noclip", "deep_linear_a_select11"} <= names
