@@ -1,13 +1,17 @@
 """Paired statistics over runs: the unit is the run (one seed), never an iteration or an epoch.
 
-Declared before the runs of issue 15 (docs/report.md, "Statistics"):
+Declared in commit 57cc3cd (2026-12-02), after the 3-seed runs of de9c3f4 (which are therefore
+exploratory) and before the 10-seed runs of issue 15 (docs/report.md, "Statistics"):
 
 - **Primary endpoint**: a run's best epoch training loss (early stopping as in the protocol).
 - **Primary family**: the paired comparisons of each optimiser with KFAC on the seeds both have
   (a seed fixes the initialisation and the data order for every optimiser): the Wilcoxon
-  signed-rank test (exact, two-sided, ``scipy.stats.wilcoxon``), Holm-corrected over the family
-  (``statsmodels.stats.multitest.multipletests``), with a bootstrap 95 % interval of the median
-  paired difference (``scipy.stats.bootstrap``, percentile, seeded). With n pairs the smallest
+  signed-rank test (exact, two-sided, ``scipy.stats.wilcoxon``; with zero or tied differences the
+  exact permutation distribution with zeros split), Holm-corrected over the declared family of
+  ``FAMILY_SIZE`` comparisons (``statsmodels.stats.multitest.multipletests``; a comparison not yet
+  tested counts as p = 1, so the correction never shrinks while runs arrive), with a bootstrap 95 %
+  interval of the median paired difference (``scipy.stats.bootstrap``, percentile, seeded; not
+  adjusted for multiplicity). With n pairs the smallest
   exact two-sided p is 2 / 2^n: 0.002 at n = 10 (0.018 after Holm over 9); at n <= 8 no
   Holm-corrected claim over 9 comparisons is possible, so comparisons with fewer than
   ``MIN_PAIRS`` pairs are reported as descriptive (no p-value, no interval).
@@ -29,6 +33,8 @@ from statsmodels.stats.multitest import multipletests
 from kfac2l.runs import iter_runs
 
 MIN_PAIRS = 9
+FAMILY_SIZE = 9                # the 9 comparisons of the other optimisers with KFAC
+SMALLEST_EFFECT = 0.02         # declared: a gain in best training loss worth detecting (C3)
 CHECKPOINT_EPOCHS = (5, 10, 20, 50)
 THRESHOLD = 0.50
 BOOTSTRAP_RESAMPLES = 10_000
@@ -100,7 +106,11 @@ class Comparison:
 
 def paired_differences(frame: pd.DataFrame, optimizer: str, reference: str, endpoint: str) -> pd.Series:
     """(optimizer - reference) per seed, on the seeds both have."""
-    wide = frame.pivot_table(index="seed", columns="optimizer", values=endpoint, aggfunc="first")
+    dup = frame.duplicated(["optimizer", "seed"])
+    if dup.any():
+        raise ValueError(f"more than one run for (optimizer, seed) {frame[dup][['optimizer', 'seed']].values.tolist()}; "
+                         "valid: one run per optimiser and seed in a panel")
+    wide = frame.pivot(index="seed", columns="optimizer", values=endpoint)
     if optimizer not in wide or reference not in wide:
         return pd.Series(dtype=float)
     return (wide[optimizer] - wide[reference]).dropna()
@@ -116,18 +126,22 @@ def compare(diffs: pd.Series, optimizer: str, reference: str, seed: int = 0) -> 
         return Comparison(optimizer, reference, n, med, None, None, lower, None)
     boot = stats.bootstrap((d,), np.median, confidence_level=0.95, n_resamples=BOOTSTRAP_RESAMPLES,
                            method="percentile", rng=np.random.default_rng(seed))
-    method = "exact" if np.all(d != 0) else "auto"
-    p = float(stats.wilcoxon(d, alternative="two-sided", method=method).pvalue)
+    clean = np.all(d != 0) and len(np.unique(np.abs(d))) == n
+    method = "exact" if clean else stats.PermutationMethod(n_resamples=np.inf)
+    p = float(stats.wilcoxon(d, zero_method="wilcox" if clean else "zsplit", alternative="two-sided",
+                             method=method).pvalue)
     return Comparison(optimizer, reference, n, med, float(boot.confidence_interval.low),
                       float(boot.confidence_interval.high), lower, p)
 
 
-def holm(comparisons: list[Comparison]) -> list[Comparison]:
-    """Holm-corrected p-values over the comparisons that have one (the family)."""
+def holm(comparisons: list[Comparison], family_size: int = FAMILY_SIZE) -> list[Comparison]:
+    """Holm-corrected p-values over the declared family of ``family_size`` comparisons: those not
+    tested (yet) count as p = 1, so that a partial family is never corrected less than the whole."""
     tested = [c for c in comparisons if c.p is not None]
     if not tested:
         return comparisons
-    adjusted = multipletests([c.p for c in tested], alpha=ALPHA, method="holm")[1]
+    padded = [c.p for c in tested] + [1.0] * max(0, family_size - len(tested))
+    adjusted = multipletests(padded, alpha=ALPHA, method="holm")[1][: len(tested)]
     corrected = {c.optimizer: float(a) for c, a in zip(tested, adjusted)}
     return [Comparison(**{**c.__dict__, "p_holm": corrected.get(c.optimizer)}) for c in comparisons]
 

@@ -35,9 +35,30 @@ def test_holm_correction_by_hand():
     from kfac2l.analysis import Comparison
 
     comps = [Comparison(o, "kfac", 10, -0.1, -0.2, 0.0, 8, p) for o, p in (("a", 0.01), ("b", 0.04), ("c", 0.03))]
-    adjusted = {c.optimizer: c.p_holm for c in holm(comps)}
+    adjusted = {c.optimizer: c.p_holm for c in holm(comps, family_size=3)}
     assert adjusted == pytest.approx({"a": 0.03, "b": 0.06, "c": 0.06})
-    assert [c.verdict for c in holm(comps)][0] == "lower than KFAC"
+    assert [c.verdict for c in holm(comps, family_size=3)][0] == "lower than KFAC"
+    # the declared family of 9 with 3 tested: the 6 untested count as p = 1 (0.01 x 9 = 0.09)
+    assert {c.optimizer: c.p_holm for c in holm(comps)}["a"] == pytest.approx(0.09)
+
+
+def test_zero_and_tied_differences_use_the_exact_permutation_distribution():
+    """d = (0, +-1 ... ): with zeros split (Pratt/zsplit) over 2^10 sign patterns; one zero and nine
+    negative differences of distinct sizes plus one positive: p from the full enumeration."""
+    d = pd.Series([0.0, -0.02, -0.03, -0.04, -0.05, -0.06, -0.07, -0.08, -0.09, 0.01])
+    c = compare(d, "nico", "kfac")
+    ranks = np.arange(1, 11)  # |d| ranks: 0 -> 1, 0.01 -> 2, 0.02 -> 3, ...
+    signs = np.array(np.meshgrid(*[[-1, 1]] * 10)).reshape(10, -1).T
+    r_plus = (signs > 0) @ ranks - 0.5 * (signs[:, 0] > 0) + 0.5 * (signs[:, 0] < 0)  # zsplit: half the zero's rank
+    observed = ranks[1] + 0.5 * ranks[0]  # the positive difference (rank 2) and half the zero
+    expected = 2 * min(np.mean(r_plus <= observed), np.mean(r_plus >= observed))
+    assert c.p == pytest.approx(min(1.0, expected), rel=1e-9)
+
+
+def test_a_panel_with_two_runs_of_one_seed_is_refused():
+    frame = pd.DataFrame({"optimizer": ["kfac", "kfac", "nico"], "seed": [1, 1, 1], "best": [0.5, 0.6, 0.7]})
+    with pytest.raises(ValueError, match="more than one run"):
+        family(frame, ["nico"])
 
 
 def test_family_pairs_by_seed_not_by_position():

@@ -266,7 +266,8 @@ def plot_loss_figure(figure: int, panels: list[str], root: Path, out: Path, prof
         f"Thin lines: one run (seed) each; bold: median over seeds, drawn only while every seed runs (x: the first "
         f"seed stops early); n = seeds. Linear axis zoomed: the first epochs lie above the frame. Right: best "
         f"training loss minus KFAC's on the same seed, dots per seed, bar the median, vertical line its bootstrap "
-        f"95 % interval (n >= 9). {_provenance(frames, profile)}{_budget_note(root.parent, profile, panels)}.",
+        f"95 % interval (n >= 9; not adjusted for multiplicity, the Holm-corrected tests are in docs/report.md). "
+        f"{_provenance(frames, profile)}{_budget_note(root.parent, profile, panels)}.",
         170), fontsize=7, va="bottom")
     fig.tight_layout(rect=(0, 0.07, 1, 0.95))
     return _save(fig, out, figure, plotted, summaries)
@@ -325,9 +326,13 @@ def plot_ablation_figure(figure: int, panels: list[str], root: Path, out: Path, 
                 continue
             bands = seed_bands(frame[frame["optimizer"] == opt])
             marker, colour = arm_styles[arm.name]
-            ax.plot(bands["epoch"], bands["median"], color=colour, marker=marker, markevery=max(1, len(bands) // 8),
-                    ms=4, lw=1.2, label=arm.label)
-            ax.fill_between(bands["epoch"], bands["low"], bands["high"], color=colour, alpha=0.12, lw=0)
+            running = bands[bands["all_running"]]  # median and band only while every seed runs
+            ax.plot(running["epoch"], running["median"], color=colour, marker=marker,
+                    markevery=max(1, len(running) // 8), ms=4, lw=1.2,
+                    label=f"{arm.label} (n={int(bands['total'].iloc[0])})")
+            ax.fill_between(running["epoch"], running["low"], running["high"], color=colour, alpha=0.12, lw=0)
+            if len(running) < len(bands):
+                ax.plot(running["epoch"].iloc[-1], running["median"].iloc[-1], marker="x", color=colour, ms=7, mew=1.5)
             plotted.append(bands.assign(kind="curve", arm=arm.name))
         zoom(ax, pd.concat([f[f["optimizer"] == opt] for f in frames if not f.empty and opt in set(f["optimizer"])]))
         if ax.get_legend_handles_labels()[0]:
@@ -338,7 +343,8 @@ def plot_ablation_figure(figure: int, panels: list[str], root: Path, out: Path, 
     fig.text(0.01, 0.01, textwrap.fill(
         f"Settings: {settings}; two-level as KFAC. Left: every run's best training loss, seed 1 filled (every "
         f"optimiser ran seed 1 in every arm: compare filled with filled), seeds 2-3 hollow. Right: median over seeds "
-        f"with min-max band, linear axis zoomed (first epochs above the frame). {_provenance(frames, profile)}.",
+        f"with min-max band while every seed runs (x: the first stops), linear axis zoomed (first epochs above the "
+        f"frame). {_provenance(frames, profile)}.",
         190), fontsize=7, va="bottom")
     fig.tight_layout(rect=(0, 0.08, 1, 0.92))
     return _save(fig, out, figure, plotted, [table])
