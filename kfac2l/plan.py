@@ -16,6 +16,12 @@ with one thread per run (the joblib launcher runs two at a time). Arms:
   select11   the three best grid cells of each optimiser on grid seed 11, 30 epochs, and KRY-NICO's
              damping beyond the grid's edge (1, 10)
   exactref   the matched arm with the exact reference, seeds 1-3, first 20 epochs
+  tko        issue 17: Tselepidis et al.'s toy problem under convention=tko (KFAC, PREVIOUS, NICO,
+             SGD seeds 1-10; the other two-level methods and ADAM seeds 1-3)
+  tko_depth  issue 17: KFAC, PREVIOUS, NICO at depths 14, 30, 62, 126, seeds 1-5, 20 epochs
+
+The stand-in for C1/C2 (issue 17) goes through the figure pipeline, which selects on a grid first:
+``python -m kfac2l.reproduce --figure 9 --profile paper --grid demo --grid-epochs 3 --seeds 1 2 3``.
 """
 
 from __future__ import annotations
@@ -67,7 +73,30 @@ def arms(results: Path, launcher: str) -> dict[str, list[list[str]]]:
                       "exact_reference=true"]],
     }
     out["select11"] = _select11(results, launcher)
+    out.update(tko_arms(results, launcher))
     return out
+
+
+TKO_PRIMARY = ("kfac", "previous", "nico")   # with SGD: 10 paired seeds (issue 17, declared before the runs)
+TKO_OTHERS = ("spectral", "residu", "kry-nico", "kry-residu", "taylor")
+
+
+def tko_arms(results: Path, launcher: str) -> dict[str, list[list[str]]]:
+    """Issue 17: Tselepidis et al.'s toy problem at their protocol (convention=tko, their lr 1e-2 and
+    damping 1e-3; 10 seeds for the primary optimisers, 3 for the others) and the depth sweep."""
+    def base(name: str) -> list[str]:
+        return ["experiment=tko_toy", f"experiment.name={name}", "convention=tko", "profile=paper",
+                f"launcher={launcher}", f"paths.tables={results / 'tables'}", f"paths.runs={results / 'final'}"]
+    curv = ["optimizer.lr=0.01", "optimizer.damping=0.001"]
+    return {
+        "tko": [[*base("tko_toy"), f"seed={_csv(SEEDS)}", f"optimizer={_csv(TKO_PRIMARY)}", *curv],
+                [*base("tko_toy"), f"seed={_csv(SEEDS)}", "optimizer=sgd", "optimizer.lr=0.01",
+                 "optimizer.damping=null"],
+                [*base("tko_toy"), "seed=1,2,3", f"optimizer={_csv(TKO_OTHERS)}", *curv],
+                [*base("tko_toy"), "seed=1,2,3", "optimizer=adam", "optimizer.lr=0.001", "optimizer.damping=null"]],
+        "tko_depth": [[*base(f"tko_toy_depth{d}"), f"model.depth={d}", "seed=1,2,3,4,5", "profile.max_epochs=20",
+                       f"optimizer={_csv(TKO_PRIMARY)}", *curv] for d in (14, 30, 62, 126)],
+    }
 
 
 def _at_selected(results: Path, launcher: str, name: str, optimizers, extra: list[str]) -> list[list[str]]:

@@ -138,7 +138,7 @@ def test_every_planned_run_composes_and_validates():
     from kfac2l.train import validate
 
     plan = arms(REPO / "results", "local")
-    assert set(plan) == {"selected", "matched", "noclip", "clipgrid", "select11", "exactref"}
+    assert set(plan) == {"selected", "matched", "noclip", "clipgrid", "select11", "exactref", "tko", "tko_depth"}
     names = set()
     for calls in plan.values():
         for overrides in calls:
@@ -146,4 +146,5 @@ def test_every_planned_run_composes_and_validates():
             cfg = _cfg([o for o in single if not o.startswith("launcher=")])
             validate(cfg)
             names.add(cfg.experiment.name)
-    assert {"deep_linear_a", "deep_linear_a_matched", "deep_linear_a_noclip", "deep_linear_a_select11"} <= names
+    assert {"deep_linear_a", "deep_linear_a_matched", "deep_linear_a_noclip", "deep_linear_a_select11", "tko_toy",
+            "tko_toy_depth126"} <= names

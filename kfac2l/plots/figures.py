@@ -57,6 +57,9 @@ PANELS: dict[str, Panel] = {p.name: p for p in [
     Panel("resnet34", "resnet34", "ResNet34 / SVHN"),
     Panel("deep_linear_a", "deep_linear_a", "Deep linear A / Fashion-MNIST", diagnostics=True),
     Panel("deep_linear_b", "deep_linear_b", "Deep linear B / MNIST"),
+    # ours: stand-ins and Tselepidis et al.'s toy problem (issue 17)
+    Panel("mnist_ae_fmnist", "mnist_ae_fmnist", "STAND-IN: MNIST AE architecture on Fashion-MNIST", diagnostics=True,
+          optimizers=("kfac", "nico", "residu", "previous", "adam", "sgd")),
 ]}
 
 # The authors' selected settings on deep linear A (docs/protocol.md, "The authors' public code"):
@@ -104,6 +107,7 @@ FIGURES: dict[int, list[str]] = {
     5: ["curves_ae_bs128", "mnist_ae_bs1024", "faces_ae_bs2048", "cuda_convnet"],
     6: ["curves_ae_bs128", "mnist_ae_bs1024", "faces_ae_bs2048", "cuda_convnet"],
     7: [v.panel for v in ABLATION],
+    9: ["mnist_ae_fmnist"],  # ours: the stand-in for C1/C2 (Figure 8 is reserved for the toy problem)
 }
 
 
