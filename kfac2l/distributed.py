@@ -76,15 +76,16 @@ def rendezvous_env(env=os.environ) -> dict:
 
 def init_from_env(backend: str = "auto", device: str = "auto", timeout_s: int = 1800) -> DataParallel:
     """Join the process group of this launch (torchrun or SLURM tasks) and choose the device:
-    ``cuda:<local rank>`` when CUDA is used, else the CPU; backend 'auto' is nccl on CUDA, gloo
-    on the CPU."""
+    ``cuda:<local rank>`` when CUDA is used (modulo the GPUs this process sees), else the CPU;
+    backend 'auto' is nccl on CUDA, gloo on the CPU."""
     where = placement_from_env()
     if where is None:
         raise RuntimeError("distributed.enabled=true but neither torchrun (RANK, WORLD_SIZE) nor SLURM "
                            "(SLURM_PROCID, SLURM_NTASKS) set this process's rank; see docs/distributed.md")
     os.environ.update(rendezvous_env())
     cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
-    chosen = torch.device(f"cuda:{where.local_rank}") if cuda else torch.device("cpu")
+    # one GPU per process: cuda:<local rank>, or cuda:0 where SLURM binds each task to its own GPU
+    chosen = torch.device(f"cuda:{where.local_rank % torch.cuda.device_count()}") if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(chosen)
     if backend == "auto":
