@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 TORCH_REQ ?= requirements-torch.txt
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint verify bench clean demo reproduce-all fashion-mnist status readme evidence
+.PHONY: install test lint verify bench clean demo reproduce-all fashion-mnist status readme evidence recheck evidence-paired
 PROFILE ?= quick
 LAUNCHER ?= local
 
@@ -52,15 +52,25 @@ FIGURE ?= 4
 status: $(STAMP)
 	$(BIN)/python scripts/status.py --figure $(FIGURE) --profile $(PROFILE) $(STATUS_ARGS)
 
-# README tables from the committed result files (a test fails when they disagree).
+# README and docs/report.md tables and numbers from the committed result files (a test fails when they disagree).
 readme: $(STAMP)
 	$(BIN)/python scripts/report.py
+
+# Do the committed results still reproduce at this commit? 2 epochs of one run per optimiser and arm, bit for bit.
+recheck: $(STAMP) fashion-mnist
+	OMP_NUM_THREADS=1 $(BIN)/python scripts/recheck.py
 
 # The paper-profile evidence on deep linear A (hours on a laptop; resumable: rerun to continue).
 evidence: $(STAMP) fashion-mnist
 	$(BIN)/python scripts/reproduce.py --figure 4 --panels deep_linear_a --profile paper --grid small \
 		--grid-epochs 10 --seeds 1 2 3 --launcher $(LAUNCHER) --extra-figures 5 6
 	$(BIN)/python scripts/reproduce.py --figure 7 --profile paper --launcher $(LAUNCHER)
+
+# The paired deep-linear-A evidence of docs/report.md (issue 15), in priority order; resumable: rerun to continue.
+# ARMS="selected matched" limits it; two runs at a time, one thread each, at nice 19.
+ARMS ?=
+evidence-paired: $(STAMP) fashion-mnist
+	OMP_NUM_THREADS=1 nice -n 19 $(BIN)/python -m kfac2l.plan --run $(if $(ARMS),--only $(ARMS),)
 
 reproduce-figure%: $(STAMP)
 	$(BIN)/python scripts/reproduce.py --figure $* --profile $(PROFILE) --launcher $(LAUNCHER)

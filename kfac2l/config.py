@@ -14,6 +14,8 @@ from omegaconf import DictConfig, OmegaConf
 from kfac2l.distributed import BACKENDS, placement_from_env
 from kfac2l.models import INITS, MODELS
 from kfac2l.optim import REGISTRY, TWO_LEVEL, make_optimizer
+from kfac2l.optim.scheduler import scheduler_problem
+from kfac2l.optim.step import TASKS, mixed_precision
 from kfac2l.select import read_selection
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -120,20 +122,41 @@ def run_identity(cfg: DictConfig, lr: float, opts: dict) -> dict:
                "md5": ds.md5}
     if "num_samples" in ds:
         dataset["num_samples"] = ds.num_samples
+    experiment = {"name": cfg.experiment.name, "task": cfg.experiment.task, "batch_size": int(cfg.experiment.batch_size)}
+    profile = {"name": cfg.profile.name, "fisher_fraction": float(cfg.profile.fisher_fraction)}
+    # settings added later enter the identity only when used: older identities stay valid
+    if scheduler_spec(cfg) is not None:
+        experiment["scheduler"] = scheduler_spec(cfg)
+    if fisher_batch(cfg) != "resampled":
+        profile["fisher_batch"] = fisher_batch(cfg)
     return {
-        "experiment": {"name": cfg.experiment.name, "task": cfg.experiment.task,
-                       "batch_size": int(cfg.experiment.batch_size)},
+        "experiment": experiment,
         "model": {"name": cfg.model.name, "init": cfg.model.init, "options": as_dict(cfg.model.options)},
         "dataset": dataset,
         "data": {"train_subset": cfg.profile.train_subset, "test_subset": cfg.profile.test_subset},
         "budget": {"max_epochs": max_epochs(cfg), "patience": int(cfg.profile.patience)},
-        "profile": {"name": cfg.profile.name, "fisher_fraction": float(cfg.profile.fisher_fraction)},
+        "profile": profile,
         "optimizer": {"name": cfg.optimizer.name, "lr": lr, "options": opts},
         "convention": cfg.convention.name,
         "seed": int(cfg.seed),
         "divergence": as_dict(cfg.divergence),
         **distributed_identity(cfg),
-    }
+    } | ({} if cfg.get("precision", "float32") == "float32" else {"precision": cfg.precision})
+
+
+def scheduler_spec(cfg: DictConfig) -> dict | None:
+    """``experiment.scheduler`` as a dict (``kfac2l.optim.scheduler``), None when absent or null."""
+    spec = cfg.experiment.get("scheduler")
+    return None if spec is None else as_dict(spec)
+
+
+FISHER_BATCHES = ("resampled", "minibatch")
+
+
+def fisher_batch(cfg: DictConfig) -> str:
+    """``convention.fisher_batch``: 'resampled' (default: fisher_fraction * B samples drawn from the
+    mini-batch) or 'minibatch' (the mini-batch itself, Tselepidis et al.'s code)."""
+    return str(cfg.convention.get("fisher_batch", "resampled"))
 
 
 def distributed_options(cfg: DictConfig) -> dict | None:
@@ -179,13 +202,17 @@ def validate(cfg: DictConfig) -> tuple[float, dict]:
     bad value and the valid choices or range. Returns (lr, optimiser options)."""
     known = {"model", "dataset", "optimizer", "profile", "search", "launcher", "logger", "paths", "experiment",
              "convention", "seed", "device", "diagnostics", "exact_reference", "use_best", "progress",
-             "checkpoint", "divergence", "distributed"}
+             "checkpoint", "divergence", "distributed", "precision"}
     extra = sorted(set(cfg.keys()) - known)
     if extra:
         raise ConfigError(f"unknown top-level key(s) {extra}; valid: {', '.join(sorted(known))}")
     _choice("model", cfg.model.name, list(MODELS))
     _choice("model.init", cfg.model.init, INITS)
-    _choice("task", cfg.experiment.task, ["classification", "bernoulli_autoencoder", "gaussian_autoencoder"])
+    _choice("task", cfg.experiment.task, list(TASKS))
+    _choice("convention.fisher_batch", fisher_batch(cfg), FISHER_BATCHES)
+    problem = scheduler_problem(scheduler_spec(cfg))
+    if problem:
+        raise ConfigError(problem)
     for key, value in (("seed", cfg.seed), ("experiment.batch_size", cfg.experiment.batch_size)):
         if not isinstance(value, int) or isinstance(value, bool):
             raise ConfigError(f"{key}={value!r} is not an integer; valid: an integer")
@@ -214,7 +241,10 @@ def validate(cfg: DictConfig) -> tuple[float, dict]:
     if not isinstance(div.factor, (int, float)) or not div.factor > 1 or not isinstance(div.epochs, int) or div.epochs < 1:
         raise ConfigError(f"divergence={as_dict(div)}; valid: factor > 1 and epochs an integer >= 1")
     _choice("progress", str(cfg.progress), ["auto", "True", "False", "true", "false"])
-    resolve_device(cfg.device)
+    try:
+        mixed_precision(cfg.get("precision", "float32"), resolve_device(cfg.device))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     distributed_options(cfg)
     _check_writable_root(Path(str(cfg.dataset.root)), "dataset.root")
     lr, opts = optimizer_options(cfg)

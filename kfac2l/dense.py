@@ -113,21 +113,26 @@ def explicit_patches(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def layer_data(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, likelihood: str):
-    """Per layer (abar, g) with explicit patches: (B, T, I), (B, T, O)."""
+    """Per layer (abar, g) with explicit patches: (B, T, I), (B, T, O). A module called several
+    times (shared) has the locations of all its calls, in call order, each call's inputs with the
+    gradient of its own output."""
     mods = [m for _, m in preconditioned_layers(model)]
-    store = {}
-    handles = [m.register_forward_hook(lambda mod, i, o, k=k: store.__setitem__(k, (i[0], o))) for k, m in enumerate(mods)]
+    calls: dict[int, list] = {k: [] for k in range(len(mods))}
+    handles = [m.register_forward_hook(lambda mod, i, o, k=k: calls[k].append((i[0], o))) for k, m in enumerate(mods)]
     out = model(x)
     for h in handles:
         h.remove()
-    outs = [store[k][1] for k in range(len(mods))]
-    gs = torch.autograd.grad(summed_nll(out, targets, likelihood), outs)
+    outs = [o for k in range(len(mods)) for _, o in calls[k]]
+    gs = iter(torch.autograd.grad(summed_nll(out, targets, likelihood), outs))
     data = []
     for k, m in enumerate(mods):
-        a = explicit_patches(m, store[k][0].detach())
-        go = gs[k]
-        g = go.flatten(2).transpose(1, 2) if isinstance(m, nn.Conv2d) else go.reshape(go.shape[0], -1, go.shape[-1])
-        data.append((a, g))
+        a_parts, g_parts = [], []
+        for x_in, _ in calls[k]:
+            go = next(gs)
+            a_parts.append(explicit_patches(m, x_in.detach()))
+            g_parts.append(go.flatten(2).transpose(1, 2) if isinstance(m, nn.Conv2d)
+                           else go.reshape(go.shape[0], -1, go.shape[-1]))
+        data.append((torch.cat(a_parts, dim=1), torch.cat(g_parts, dim=1)))
     return data
 
 
@@ -243,7 +248,28 @@ def tiny_seq(seed: int = 0) -> nn.Module:
     ).double()
 
 
-TINY = {"mlp": (tiny_mlp, (5,)), "cnn": (tiny_cnn, (2, 5, 5)), "seq": (tiny_seq, (3, 5))}
+class TiedNet(nn.Module):
+    """Shared modules: a Conv2d applied twice (on 6x6, then 4x4 maps: its locations are those of
+    both calls), a Linear applied twice (weight tying: head(tanh(lin(tanh(lin(h)))))) and a head
+    called once. The per-sample gradient of a shared weight is the sum over its calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 3)
+        self.lin = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.conv(torch.tanh(self.conv(x)))).flatten(1)
+        return self.head(torch.tanh(self.lin(torch.tanh(self.lin(h)))))
+
+
+def tiny_tied(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return TiedNet().double()
+
+
+TINY = {"mlp": (tiny_mlp, (5,)), "cnn": (tiny_cnn, (2, 5, 5)), "seq": (tiny_seq, (3, 5)), "tied": (tiny_tied, (2, 6, 6))}
 
 
 def tiny_inputs(kind: str, batch: int, seed: int = 1) -> torch.Tensor:

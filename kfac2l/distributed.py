@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch import nn
 
 from kfac2l.curvature.likelihood import sample_targets
-from kfac2l.optim.step import Task, batchnorm_statistics_kept
+from kfac2l.optim.step import Task, autocast_forward, batchnorm_statistics_kept, fisher_inputs
 
 BACKENDS = ("auto", "gloo", "nccl")
 
@@ -150,26 +150,31 @@ class DataParallel:
         return model
 
     def training_step(self, optimizer, task: Task, x: torch.Tensor, y: torch.Tensor | None,
-                      fisher_fraction: float = 0.25, generator: torch.Generator | None = None) -> torch.Tensor:
+                      fisher_fraction: float = 0.25, generator: torch.Generator | None = None,
+                      autocast: torch.dtype | None = None, resample: bool = True) -> torch.Tensor:
         """``kfac2l.optim.step.training_step`` on this process's shards of the mini-batch (x, y),
-        which every process holds whole: the same Fisher-batch indices on every process (the same
-        generator state), each process's Fisher pass on its slice, targets sampled from the
-        gathered outputs of the whole Fisher batch, then the loss on its shard through DDP.
+        which every process holds whole: the same Fisher batch on every process (the same generator
+        state; the mini-batch itself with ``resample=False``), each process's Fisher pass on its
+        slice, targets sampled from the gathered outputs of the whole Fisher batch, then the loss on
+        its shard through DDP; ``autocast`` and ``optimizer.grad_scaler`` as in ``training_step``.
         Returns the whole mini-batch's loss (an all-reduce of one number; alike everywhere)."""
         target = x if task.autoencoder else y
         total = x.shape[0]
         if optimizer.needs_curvature():
-            size = max(1, int(round(fisher_fraction * total)))
-            idx = torch.randint(0, total, (size,), device=x.device, generator=generator)
+            fisher_x = fisher_inputs(x, fisher_fraction, generator, resample)
+            size = fisher_x.shape[0]
             mine = self.shard(size)
             with batchnorm_statistics_kept(self.module):
-                out = self.module(x[idx[mine]])  # the plain module: DDP's hooks are for the loss pass
+                # the plain module: DDP's hooks are for the loss pass
+                out = autocast_forward(self.module, x.device.type, autocast)(fisher_x[mine])
                 targets = sample_targets(self.gather(out.detach(), size), task.likelihood, generator)[mine]
                 optimizer.update_curvature(out, task.likelihood, targets=targets, batch=size)
         optimizer.zero_grad()
         rows = self.shard(total)
         share = (rows.stop - rows.start) / total
-        loss = task.loss(self.ddp(x[rows]), target[rows])
-        (loss * (share * self.world)).backward()  # DDP averages: the gradient of the whole batch's mean loss
+        loss = task.loss(autocast_forward(self.ddp, x.device.type, autocast)(x[rows]), target[rows])
+        weighted = loss * (share * self.world)  # DDP averages: the gradient of the whole batch's mean loss
+        scaler = optimizer.grad_scaler
+        (weighted if scaler is None else scaler.scale(weighted)).backward()
         optimizer.step()
         return self.reduce(loss.detach() * share)

@@ -16,14 +16,24 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from kfac2l.config import ConfigError, as_dict, distributed_options, max_epochs, resolve_device, validate
+from kfac2l.config import (
+    ConfigError,
+    as_dict,
+    distributed_options,
+    fisher_batch,
+    max_epochs,
+    resolve_device,
+    scheduler_spec,
+    validate,
+)
 from kfac2l.data import DataSplits, TensorBatches, load_dataset
 from kfac2l.data.core import as_float
 from kfac2l.io import atomic_write_text, git_commit, machine
 from kfac2l.models import MODELS, build_model
 from kfac2l.optim import make_optimizer
 from kfac2l.optim.preconditioner import UnpreconditionedWarning
-from kfac2l.optim.step import get_task, training_step
+from kfac2l.optim.scheduler import make_scheduler
+from kfac2l.optim.step import get_task, mixed_precision, training_step
 from kfac2l.runs.checkpoint import remove_checkpoint, save_checkpoint
 from kfac2l.runs.recorder import Progress, RunRecorder
 
@@ -60,14 +70,15 @@ def _check_fit(model_name: str, model, data: DataSplits, task) -> None:
         with torch.no_grad():
             out = model.eval()(data.x_train[:2].float())
         model.train()
-        if out.shape[-1] != data.num_classes:
-            raise ConfigError(f"model {model_name!r} has {out.shape[-1]} outputs but dataset {data.name!r} "
-                              f"has {data.num_classes} classes (set model.options.num_classes)")
+        expected = task.outputs or data.num_classes
+        if out.shape[-1] != expected:
+            raise ConfigError(f"model {model_name!r} has {out.shape[-1]} outputs but task {task.name!r} on dataset "
+                              f"{data.name!r} needs {expected} (set model.options.num_classes)")
 
 
 @torch.no_grad()
 def evaluate(model, task, x, y, device, batch: int = 1024) -> tuple[float, float | None]:
-    """Mean test loss and accuracy (classification) in eval mode."""
+    """Mean test loss and accuracy (classification: ``task.predict``, argmax or sigmoid > 0.5) in eval mode."""
     model.eval()
     total, correct, n = 0.0, 0, 0
     for k in range(0, x.shape[0], batch):
@@ -76,7 +87,7 @@ def evaluate(model, task, x, y, device, batch: int = 1024) -> tuple[float, float
         target = xb if task.autoencoder else y[k : k + batch].to(device)
         total += task.loss(out, target).item() * xb.shape[0]
         if not task.autoencoder:
-            correct += (out.argmax(1) == target).sum().item()
+            correct += (task.predict(out) == target).sum().item()
         n += xb.shape[0]
     model.train()
     return total / max(n, 1), (None if task.autoencoder else correct / max(n, 1))
@@ -141,6 +152,9 @@ class Run:
         with warnings.catch_warnings():  # recorded in the summary instead
             warnings.simplefilter("ignore", UnpreconditionedWarning)
             self.optimizer = make_optimizer(cfg.optimizer.name, self.model, lr=lr, reduce=reduce, **self.opts)
+        self.autocast, self.optimizer.grad_scaler = mixed_precision(cfg.get("precision", "float32"), self.device)
+        self.scheduler = make_scheduler(scheduler_spec(cfg), self.optimizer.base)
+        self.resample = fisher_batch(cfg) == "resampled"
         pre = self.optimizer.preconditioner
         self.data_gen = torch.Generator().manual_seed(cfg.seed)
         self.fisher_gen = torch.Generator(device=self.device)
@@ -170,6 +184,8 @@ class Run:
         """Continue from a checkpoint of this identity."""
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(_to_device(state["optimizer"], self.device))
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
         self.data_gen.set_state(state["data_generator"])
         self.progress.load(state["progress"])
         p = self.progress
@@ -182,10 +198,13 @@ class Run:
         """Save the checkpoint (process 0 of a data-parallel run only)."""
         if not self.leader:
             return
-        save_checkpoint(self.out_dir, {
+        state = {
             "identity_id": self.ident, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "data_generator": self.data_gen.get_state(), "progress": self.progress.state(),
-        })
+        }
+        if self.scheduler is not None:
+            state["scheduler"] = self.scheduler.state_dict()
+        save_checkpoint(self.out_dir, state)
 
     def _epoch(self, epoch: int, batches, stop, show: bool, t_start: float) -> float:
         """Train one epoch (or its rest, after a mid-epoch checkpoint); the epoch's training loss.
@@ -202,10 +221,11 @@ class Run:
             self.fisher_gen.manual_seed(fisher_seed(cfg.seed, p.iterations))
             if self.parallel is None:
                 losses.append(training_step(self.model, self.optimizer, self.task, x, y, cfg.profile.fisher_fraction,
-                                            self.fisher_gen))
+                                            self.fisher_gen, autocast=self.autocast, resample=self.resample))
             else:  # this process's shards; the returned loss is the whole mini-batch's
                 losses.append(self.parallel.training_step(self.optimizer, self.task, x, y, cfg.profile.fisher_fraction,
-                                                          self.fisher_gen))
+                                                          self.fisher_gen, autocast=self.autocast,
+                                                          resample=self.resample))
             p.iterations += 1
             self._record_step(p)
             if self._stopping(stop):
@@ -244,6 +264,8 @@ class Run:
         p.rows.append({"epoch": epoch, "iterations": p.iterations, "train_loss": train_loss, "test_loss": test_loss,
                        "test_accuracy": test_acc, "wall_time": p.elapsed})
         p.epoch, p.batch, p.epoch_losses = epoch + 1, 0, []
+        if self.scheduler is not None:
+            self.scheduler.step(p.rows[-1])
         if wandb_run is not None:
             wandb_run.log({k: v for k, v in p.rows[-1].items() if v is not None}, step=epoch)
         self.reason = _divergence(self.cfg, self.task, self.data, p, train_loss)

@@ -1,12 +1,16 @@
-"""README tables generated from committed result files (never typed by hand).
+"""Tables and numbers of README.md and docs/report.md generated from committed result files
+(never typed by hand).
 
-    python -m kfac2l.report            # rewrite the tables between the markers in README.md
-    python -m kfac2l.report --check    # exit 1 if README.md disagrees with the result files
+    python -m kfac2l.report            # rewrite every marked table and number in both documents
+    python -m kfac2l.report --check    # exit 1 if a document disagrees with the result files
 
 A table lives between ``<!-- table:NAME -->`` and ``<!-- /table -->``; NAME is
 ``final:<profile>:<panel>`` (best training loss per optimiser over seeds, with the selected
-settings and, where recorded, the distance ratio of Figure 6 and the sign of the gap (4.6)) or
-``ablation:<profile>`` (Figure 7's arms). Everything is read through ``kfac2l.runs``.
+settings and, where recorded, the distance ratio of Figure 6 and the sign of the gap (4.6)),
+``ablation:<profile>`` (Figure 7's arms), or one of ``kfac2l.evidence``'s tables (``paired``,
+``secondary``, ``clip``, ``distance``, ``cost``, ``ablation-seed``, ``claims``). An inline number
+lives between ``<!-- value:KEY -->`` and ``<!-- /value -->`` (keys: ``kfac2l.evidence.value``).
+Everything is read through ``kfac2l.runs``.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from kfac2l import evidence
 from kfac2l.io import atomic_write_text
 from kfac2l.names import LABELS, ORDER
 from kfac2l.plots.figures import ABLATION
@@ -25,6 +30,8 @@ from kfac2l.plots.results import selection_budget
 from kfac2l.runs import iter_runs
 
 MARKER = re.compile(r"(<!-- table:(?P<name>[^ ]+) -->\n)(?P<body>.*?)(<!-- /table -->)", re.S)
+VALUE = re.compile(r"(<!-- value:(?P<key>[^ ]+) -->)(?P<body>[^<]*)(<!-- /value -->)")
+DOCUMENTS = ("README.md", "docs/report.md", "docs/experiments.md")
 
 
 def _g(x) -> str:
@@ -99,6 +106,11 @@ def ablation_table(results: Path, profile: str) -> str:
     return frame.to_markdown(index=False) + "\n"
 
 
+PANEL_TABLES = {"paired": evidence.paired_table, "secondary": evidence.secondary_table, "clip": evidence.clip_table,
+                "distance": evidence.distance_table, "cost": evidence.cost_table,
+                "selection": evidence.selection_table}
+
+
 def render(name: str, results: Path) -> str:
     kind, _, rest = name.partition(":")
     if kind == "final":
@@ -106,34 +118,48 @@ def render(name: str, results: Path) -> str:
         return final_table(results, profile, panel)
     if kind == "ablation":
         return ablation_table(results, rest)
-    raise ValueError(f"unknown table {name!r}; valid: final:<profile>:<panel>, ablation:<profile>")
+    if kind == "ablation-seed":
+        return evidence.ablation_seed_table(results, rest, ABLATION)
+    if kind == "claims":
+        return evidence.claims_table(results, rest)
+    if kind in PANEL_TABLES:
+        profile, _, panel = rest.partition(":")
+        return PANEL_TABLES[kind](results, profile, panel)
+    raise ValueError(f"unknown table {name!r}; valid: final:<profile>:<panel>, ablation:<profile>, "
+                     f"ablation-seed:<profile>, claims:<profile>, {', '.join(PANEL_TABLES)}:<profile>:<panel>")
 
 
 def update(text: str, results: Path) -> str:
-    """``text`` with every marked table regenerated from ``results``."""
-    return MARKER.sub(lambda m: m.group(1) + render(m.group("name"), results) + m.group(4), text)
+    """``text`` with every marked table and number regenerated from ``results``."""
+    evidence.endpoints.cache_clear()
+    text = MARKER.sub(lambda m: m.group(1) + render(m.group("name"), results) + m.group(4), text)
+    return VALUE.sub(lambda m: m.group(1) + evidence.value(m.group("key"), results) + m.group(4), text)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--readme", default="README.md")
+    parser.add_argument("--readme", nargs="*", default=None, help=f"documents (default: {' '.join(DOCUMENTS)})")
     parser.add_argument("--results", default="results")
     parser.add_argument("--check", action="store_true", help="only compare; exit 1 on a difference")
     args = parser.parse_args(argv)
-    path = Path(args.readme)
-    text = path.read_text()
-    new = update(text, Path(args.results))
-    if args.check:
+    status = 0
+    for name in args.readme or DOCUMENTS:
+        path = Path(name)
+        text = path.read_text()
+        new = update(text, Path(args.results))
+        count = len(MARKER.findall(text)) + len(VALUE.findall(text))
+        if args.check:
+            if new != text:
+                print(f"kfac2l.report: the tables or numbers in {path} disagree with {args.results}; "
+                      "run `make readme`", file=sys.stderr)
+                status = 1
+            else:
+                print(f"{path}: {count} tables and numbers agree with {args.results}")
+            continue
         if new != text:
-            print(f"kfac2l.report: the tables in {path} disagree with {args.results}; run `make readme`",
-                  file=sys.stderr)
-            return 1
-        print(f"{path}: {len(MARKER.findall(text))} tables agree with {args.results}")
-        return 0
-    if new != text:
-        atomic_write_text(path, new)
-    print(f"{path}: {len(MARKER.findall(text))} tables written from {args.results}")
-    return 0
+            atomic_write_text(path, new)
+        print(f"{path}: {count} tables and numbers written from {args.results}")
+    return status
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ from kfac2l.config import (
     ConfigError,
     best_settings_path,
     convention_options,
+    fisher_batch,
     max_epochs,
     optimizer_options,
     run_identity,
@@ -52,7 +53,7 @@ from kfac2l.runs import identity_diff, identity_id, read_summary
 from kfac2l.runs.checkpoint import CheckpointError, load_checkpoint
 
 __all__ = ["CONFIGS", "ConfigError", "Interrupted", "Run", "StopRequest", "best_settings_path", "check_group_choices",
-           "cli", "convention_options", "evaluate", "fisher_seed", "main", "max_epochs", "optimizer_options",
+           "cli", "convention_options", "evaluate", "fisher_batch", "fisher_seed", "main", "max_epochs", "optimizer_options",
            "prepare", "run_identity", "run_name", "train", "validate"]
 
 OUR_FILES = ("summary.json", "metrics.csv", "diagnostics.csv", "kl_clip.csv.gz", "config.yaml", "checkpoint.pt")

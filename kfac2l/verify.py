@@ -3,7 +3,8 @@
     python -m kfac2l.verify [--json] [--tol 1e-8]
 
 On tiny float64 MLP, CNN and sequence problems (Linear with and without bias; Conv2d with stride,
-padding, no bias; Linear layers on 3-D inputs, positions treated as locations) it compares the
+padding, no bias; Linear layers on 3-D inputs, positions treated as locations; a Conv2d and a
+Linear each called twice in the forward pass, shared modules) it compares the
 library's KFAC step (three damping modes), Fisher-vector product, coarse operator, each two-level
 step (every coarse space, both corrections), PREVIOUS, the exact natural gradient (Woodbury) and
 the diagnostics of eq. (4.6) with explicit dense matrices (full per-sample Jacobian, explicit F,
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tol", type=float, default=1e-8, help="largest relative error accepted")
     args = parser.parse_args(argv)
     results = []
-    for kind in ("mlp", "cnn", "seq"):
+    for kind in dense.TINY:
         for name, err in checks(kind):
             results.append({"network": kind, "check": name, "rel_error": err, "ok": bool(err <= args.tol)})
     failed = [r for r in results if not r["ok"]]

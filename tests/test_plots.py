@@ -37,15 +37,28 @@ def results(tmp_path):
     return tmp_path
 
 
-def test_loss_figure_plots_mean_over_seeds(results):
+def test_loss_figure_draws_median_while_all_seeds_run_and_paired_differences(results):
     paths = plot_figure(4, results, "quick", panels=["deep_linear_a"])
     assert paths["figure"].stat().st_size > 10_000
     data = pd.read_csv(paths["data"])
-    kfac = data[data["optimizer"] == "kfac"].sort_values("epoch")["train_loss"].to_numpy()
-    assert np.allclose(kfac, [2.1, 1.1, 0.6])
+    curves = data[data["kind"] != "paired"]
+    kfac = curves[curves["optimizer"] == "kfac"].sort_values("epoch")
+    assert np.allclose(kfac["train_loss"], [2.1, 1.1, 0.6]) and kfac["all_running"].all()
+    paired = data[(data["kind"] == "paired") & (data["optimizer"] == "residu")].sort_values("seed")
+    assert np.allclose(paired["paired_difference"], [0.3 - 0.5, 0.3 - 0.7])  # same seed, best minus KFAC's best
     summary = pd.read_csv(paths["summary"])
     assert list(summary["optimizer"]) == ["kfac", "residu", "sgd"]  # legend order of the paper
-    assert np.isclose(summary.set_index("optimizer").loc["residu", "best_train_loss"], 0.3)
+    assert np.isclose(summary.set_index("optimizer").loc["residu", "best_train_loss_median"], 0.3)
+
+
+def test_median_is_not_drawn_over_a_shrinking_set_of_seeds():
+    from kfac2l.plots.figures import seed_bands
+
+    curves = pd.DataFrame({"optimizer": "kfac", "seed": [1, 1, 1, 2, 2], "epoch": [1, 2, 3, 1, 2],
+                           "train_loss": [1.0, 0.9, 0.1, 2.0, 1.9]})
+    bands = seed_bands(curves).set_index("epoch")
+    assert list(bands["all_running"]) == [True, True, False]  # seed 2 stopped after epoch 2
+    assert bands.loc[2, "median"] == pytest.approx(1.4) and bands.loc[3, "seeds"] == 1
 
 
 def test_gap_figure_smooths_and_distance_figure_ratio(results):
@@ -108,10 +121,3 @@ def test_report_renders_median_and_range_and_keeps_readme_in_sync(results, tmp_p
     # distance ratio: median over the seeds of (0.5, 0.7); gap negative at every iteration
     assert residu.split("|")[-3].strip() == "0.6" and residu.split("|")[-2].strip() == "100 %"
     assert update(new, results) == new
-
-
-def test_readme_tables_agree_with_committed_results():
-    from kfac2l.report import main
-
-    repo = Path(__file__).resolve().parents[1]
-    assert main(["--readme", str(repo / "README.md"), "--results", str(repo / "results"), "--check"]) == 0

@@ -24,13 +24,6 @@ CONFIGS = str(REPO / "configs")
 ENV = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    write_all(root)
-    return root
-
-
 def _cfg(overrides):
     with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
         return compose("train", overrides=overrides)

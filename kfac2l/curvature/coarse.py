@@ -59,7 +59,8 @@ def nicolaides_sums(a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, tor
     The 1/sqrt(T_i T_j) makes the cross terms consistent with the diagonal, which comes from the
     convolution factors A_i = E[sum_t abar abar^T], G_i = E[sum_t g g^T] / T_i: for patches and
     gradients constant over the locations of a single sample, entry (i, i) of this formula equals
-    1^T (A_i (x) G_i) 1 exactly (without the scaling it would be T_i times larger).
+    1^T (A_i (x) G_i) 1 exactly (without the scaling it would be T_i times larger). A shared
+    module's locations are those of all its calls (T_i their total, as in its factors).
     """
     T = a.shape[2]
     return a.mean(2).sum(-1), g.sum(2).sum(-1) / T**0.5

@@ -116,28 +116,34 @@ class ConvGroup(LayerGroup):
     MAT(u) as a kernel, sum_t g_t^T MAT(u) abar_t = <g, conv(x, MAT(u))>, and J v (A8-A13) is the
     convolution's weight gradient for output gradients v_b g_b, so no step between refreshes
     unfolds (no B T x I patch matrix: large for ResNets). ``modules`` give the geometry only.
+
+    ``inputs[l]`` and ``output_grads[l]`` are the lists of layer l's calls (one entry unless the
+    module is shared, called several times in the forward pass): its locations are those of all
+    calls, of any spatial sizes, and every product sums over the calls.
     """
 
-    def __init__(self, indices: list[int], modules: list, inputs: list[torch.Tensor], output_grads: list[torch.Tensor],
+    def __init__(self, indices: list[int], modules: list, inputs: list, output_grads: list,
                  shard: FisherShard = WHOLE):
         self.indices = indices
         self.shard = shard
         self.modules = modules
-        self.inputs = inputs
-        self.output_grads = output_grads
+        self.inputs = [_calls(x) for x in inputs]
+        self.output_grads = [_calls(go) for go in output_grads]
         self._a = self._g = None
-        self._conv_inputs: dict[int, tuple] = {}
+        self._conv_inputs: dict[tuple[int, int], tuple] = {}
 
     @property
     def a(self) -> torch.Tensor:
         if self._a is None:
-            self._a = _stack([layer_inputs(m, x) for m, x in zip(self.modules, self.inputs)])
+            self._a = _stack([_cat_locations([layer_inputs(m, x) for x in xs])
+                              for m, xs in zip(self.modules, self.inputs)])
         return self._a
 
     @property
     def g(self) -> torch.Tensor:
         if self._g is None:
-            self._g = _stack([layer_output_grads(m, go) for m, go in zip(self.modules, self.output_grads)])
+            self._g = _stack([_cat_locations([layer_output_grads(m, go) for go in gos])
+                              for m, gos in zip(self.modules, self.output_grads)])
         return self._g
 
     @property
@@ -146,28 +152,32 @@ class ConvGroup(LayerGroup):
 
     @property
     def batch(self) -> int:
-        return self.inputs[0].shape[0]
+        return self.inputs[0][0].shape[0]
 
     @property
     def locations(self) -> int:
-        return self.output_grads[0][0, 0].numel()
+        return sum(go[0, 0].numel() for go in self.output_grads[0])
 
-    def _conv_input(self, layer: int) -> tuple[torch.Tensor, tuple[int, int]]:
-        """The layer's input (explicitly padded if its padding is asymmetric) and the symmetric
-        padding left for the convolution."""
-        if layer not in self._conv_inputs:
-            module, x = self.modules[layer], self.inputs[layer]
+    def _calls_of(self, layer: int):
+        """(call index, output gradient) of each call of ``layer``."""
+        return enumerate(self.output_grads[layer])
+
+    def _conv_input(self, layer: int, call: int = 0) -> tuple[torch.Tensor, tuple[int, int]]:
+        """The input of a call of the layer (explicitly padded if its padding is asymmetric) and
+        the symmetric padding left for the convolution."""
+        if (layer, call) not in self._conv_inputs:
+            module, x = self.modules[layer], self.inputs[layer][call]
             left, right, top, bottom = conv_padding(module, x.shape[-2], x.shape[-1])
             if left == right and top == bottom:
                 padding = (top, left)
             else:
                 x, padding = torch.nn.functional.pad(x, (left, right, top, bottom)), (0, 0)
-            self._conv_inputs[layer] = (x.contiguous(memory_format=torch.channels_last), padding)
-        return self._conv_inputs[layer]
+            self._conv_inputs[layer, call] = (x.contiguous(memory_format=torch.channels_last), padding)
+        return self._conv_inputs[layer, call]
 
-    def _convolve(self, layer: int, kernels: torch.Tensor) -> torch.Tensor:
-        """conv(x_layer, kernels) with the layer's stride, dilation and padding: (B, n, H', W')."""
-        x, padding = self._conv_input(layer)
+    def _convolve(self, layer: int, call: int, kernels: torch.Tensor) -> torch.Tensor:
+        """conv(x, kernels) for a call's input x with the layer's stride, dilation and padding: (B, n, H', W')."""
+        x, padding = self._conv_input(layer, call)
         module = self.modules[layer]
         return torch.nn.functional.conv2d(x, kernels, None, module.stride, padding, module.dilation)
 
@@ -182,15 +192,18 @@ class ConvGroup(LayerGroup):
         """``project`` for conv layers: <g_b, conv(x_b, MAT(u))> without unfolding. (L, k, B)"""
         L, k, O, I = u.shape
         out = []
-        for layer, go in enumerate(self.output_grads):
+        for layer in range(L):
             kernels, bias = self._kernels(layer, u[layer].reshape(k * O, I))
-            y = self._convolve(layer, kernels)  # (B, k O, H', W')
-            B = y.shape[0]
-            go = go.reshape(B, 1, O, -1)
-            p = (y.reshape(B, k, O, -1) * go).sum((2, 3))
-            if bias is not None:
-                p = p + go.sum(-1)[:, 0] @ bias.reshape(k, O).T
-            out.append(p.T)
+            parts = []
+            for call, go in self._calls_of(layer):
+                y = self._convolve(layer, call, kernels)  # (B, k O, H', W')
+                B = y.shape[0]
+                go = go.reshape(B, 1, O, -1)
+                p = (y.reshape(B, k, O, -1) * go).sum((2, 3))
+                if bias is not None:
+                    p = p + go.sum(-1)[:, 0] @ bias.reshape(k, O).T
+                parts.append(p.T)
+            out.append(_sum_calls(parts))
         return torch.stack(out)
 
     def combine(self, v: torch.Tensor) -> torch.Tensor:
@@ -199,30 +212,36 @@ class ConvGroup(LayerGroup):
         L, k, _ = v.shape
         O, I = self.shape
         out = []
-        for layer, go in enumerate(self.output_grads):
+        for layer in range(L):
             module = self.modules[layer]
-            x, padding = self._conv_input(layer)
-            B = go.shape[0]
-            scaled = (go.unsqueeze(1) * v[layer].T.reshape(B, k, 1, 1, 1)).reshape(B, k * O, *go.shape[2:])
-            size = (k * O, *module.weight.shape[1:])
-            dw = torch.nn.grad.conv2d_weight(x, size, scaled, module.stride, padding, module.dilation)
-            dw = dw.reshape(k, O, -1)
-            if module.bias is not None:
-                db = v[layer] @ go.sum((2, 3))  # (k, O)
-                dw = torch.cat([dw, db.unsqueeze(-1)], dim=-1)
-            out.append(dw)
+            parts = []
+            for call, go in self._calls_of(layer):
+                x, padding = self._conv_input(layer, call)
+                B = go.shape[0]
+                scaled = (go.unsqueeze(1) * v[layer].T.reshape(B, k, 1, 1, 1)).reshape(B, k * O, *go.shape[2:])
+                size = (k * O, *module.weight.shape[1:])
+                dw = torch.nn.grad.conv2d_weight(x, size, scaled, module.stride, padding, module.dilation)
+                dw = dw.reshape(k, O, -1)
+                if module.bias is not None:
+                    db = v[layer] @ go.sum((2, 3))  # (k, O)
+                    dw = torch.cat([dw, db.unsqueeze(-1)], dim=-1)
+                parts.append(dw)
+            out.append(_sum_calls(parts))
         return torch.stack(out)
 
     def project_rank_one(self, basis: "RankOne") -> torch.Tensor:
         """``project_rank_one`` for conv layers: sum_t (g_t . left) conv(x, right)_t. (L, k, B)"""
         out = []
-        for layer, go in enumerate(self.output_grads):
+        for layer in range(len(self.modules)):
             kernels, bias = self._kernels(layer, basis.right[layer])
-            y = self._convolve(layer, kernels).flatten(2)  # (B, k, T)
-            if bias is not None:
-                y = y + bias.reshape(1, -1, 1)
-            gl = torch.matmul(basis.left[layer], go.flatten(2))  # (B, k, T)
-            out.append((gl * y).sum(-1).T)
+            parts = []
+            for call, go in self._calls_of(layer):
+                y = self._convolve(layer, call, kernels).flatten(2)  # (B, k, T)
+                if bias is not None:
+                    y = y + bias.reshape(1, -1, 1)
+                gl = torch.matmul(basis.left[layer], go.flatten(2))  # (B, k, T)
+                parts.append((gl * y).sum(-1).T)
+            out.append(_sum_calls(parts))
         return torch.stack(out)
 
 
@@ -230,28 +249,57 @@ def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
     return tensors[0].unsqueeze(0).contiguous() if len(tensors) == 1 else torch.stack(tensors)
 
 
-def capture_groups(
-    modules: list, inputs: list[torch.Tensor], output_grads: list[torch.Tensor], shard: FisherShard = WHOLE
-) -> list[LayerGroup]:
+def _calls(captured) -> list[torch.Tensor]:
+    """A layer's captured calls as a list: a tensor (one call) or a list of per-call tensors."""
+    return list(captured) if isinstance(captured, (list, tuple)) else [captured]
+
+
+def _cat_locations(per_call: list[torch.Tensor]) -> torch.Tensor:
+    """The (B, T_c, n) tensors of a layer's calls as one (B, sum_c T_c, n): the calls of a shared
+    module are more locations of the same layer (no copy for a single call)."""
+    return per_call[0] if len(per_call) == 1 else torch.cat(per_call, dim=1)
+
+
+def _sum_calls(parts: list[torch.Tensor]) -> torch.Tensor:
+    """The sum over a layer's calls (the single call itself, untouched, when there is one)."""
+    total = parts[0]
+    for p in parts[1:]:
+        total = total + p
+    return total
+
+
+def _locations(module, output_grads: list[torch.Tensor]) -> int:
+    """T of a layer: its output locations summed over its calls."""
+    if isinstance(module, torch.nn.Conv2d):
+        return sum(go[0, 0].numel() for go in output_grads)
+    return sum(go.numel() // (go.shape[0] * go.shape[-1]) for go in output_grads)
+
+
+def capture_groups(modules: list, inputs: list, output_grads: list, shard: FisherShard = WHOLE) -> list[LayerGroup]:
     """Layer groups from the captured inputs and output gradients of Linear/Conv2d layers.
 
-    Linear layers become ``LayerGroup``s of (abar, g); Conv2d layers ``ConvGroup``s (patches
-    unfolded lazily). Layers are grouped by (kind, O, I, T), keeping first-appearance order.
+    ``inputs[i]``, ``output_grads[i]``: layer i's tensors, or lists of them, one per call of a
+    module called several times in the forward pass (a shared module: its calls are more
+    locations of the one layer, the "expand" view of Eschenhagen et al. 2023; a module called
+    twice on a batch is a Linear on a sequence of length 2). Linear layers become ``LayerGroup``s
+    of (abar, g), the calls concatenated along the locations; Conv2d layers ``ConvGroup``s
+    (patches unfolded lazily). Layers are grouped by (kind, O, I, T), keeping first-appearance order.
     ``shard``: the part of the Fisher batch the captured samples are (all of it by default).
     """
+    inputs = [_calls(x) for x in inputs]
+    output_grads = [_calls(go) for go in output_grads]
     keys: dict[tuple, list[int]] = {}
-    for i, (m, go) in enumerate(zip(modules, output_grads)):
+    for i, (m, gos) in enumerate(zip(modules, output_grads)):
         conv = isinstance(m, torch.nn.Conv2d)
-        T = go[0, 0].numel() if conv else go.numel() // (go.shape[0] * go.shape[-1])
-        keys.setdefault((conv, *matrix_shape(m), T), []).append(i)
+        keys.setdefault((conv, *matrix_shape(m), _locations(m, gos)), []).append(i)
     groups: list[LayerGroup] = []
     for (conv, *_), idx in keys.items():
         mods = [modules[i] for i in idx]
         if conv:
             groups.append(ConvGroup(idx, mods, [inputs[i] for i in idx], [output_grads[i] for i in idx], shard))
         else:
-            a = _stack([layer_inputs(m, inputs[i]) for m, i in zip(mods, idx)])
-            g = _stack([layer_output_grads(m, output_grads[i]) for m, i in zip(mods, idx)])
+            a = _stack([_cat_locations([layer_inputs(m, x) for x in inputs[i]]) for m, i in zip(mods, idx)])
+            g = _stack([_cat_locations([layer_output_grads(m, go) for go in output_grads[i]]) for m, i in zip(mods, idx)])
             groups.append(LayerGroup(idx, a, g, shard))
     return groups
 

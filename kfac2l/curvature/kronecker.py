@@ -4,15 +4,18 @@ For a group of L equally shaped layers:
   A_i = E[sum_t abar_{i-1,t} abar_{i-1,t}^T]          (2.25, 2.27)  shape (L, I, I)
   G_i = (1/T_i) E[sum_t g_{i,t} g_{i,t}^T]             (2.25, 2.27)  shape (L, O, O)
 estimated on the Fisher mini-batch (targets sampled from the model) and averaged over time with
-weight rho = min(1 - 1/k, decay) (k = number of updates so far).
+weight rho = min(1 - 1/k, decay) (k = number of updates so far). T_i counts the locations of all
+calls of a module called several times per forward pass (a shared module, like a sequence layer).
 
 Damping modes of [F_bullet KFAC]_{i,i}:
   * ``pi``     (A + pi sqrt(lambda) I) (x) (G + sqrt(lambda)/pi I)  with pi of eq. (2.30b) (paper);
-  * ``factor`` (A + lambda I) (x) (G + lambda I)  (what the authors' public code does);
-  * ``exact``  A (x) G + lambda I, inverted in the Kronecker eigenbasis (Tselepidis et al.);
+  * ``factor`` (A + lambda I) (x) (G + lambda I)  (what the authors' public code does:
+    natural-gradients@97105b6 optimizers/twolevel_kfac.py:128-132);
+  * ``exact``  A (x) G + lambda I, inverted in the Kronecker eigenbasis (Tselepidis et al.:
+    KFAC-Pytorch@2ff652f optimizers/gkfac.py:187-190);
   * ``unit_pi`` (A + sqrt(lambda/T) I) (x) (G + sqrt(lambda/T) I): pi = 1 and T the number of
     spatial locations (1 for Linear layers), the damping of the KFAC *baseline* of the authors'
-    public code (opt-in, ``convention=authors``).
+    public code (opt-in, ``convention=authors``; natural-gradients@97105b6 optimizers/kfac.py:357-388).
 All three are applied through eigen-decompositions batched over the group (one ``eigh`` call
 per factor size and group), which also give the spectral coarse vectors of eqs. (3.25-3.28).
 """
@@ -199,7 +202,8 @@ class FactorState:
     """Moving averages of the Kronecker factors of one layer group, rho = min(1 - 1/k, decay).
 
     k is the number of updates so far (default, the paper's running average) or, when the caller
-    passes ``count``, that number (the authors' code used its iteration counter, so rho = decay
+    passes ``count``, that number (the authors' code used its iteration counter, natural-gradients@97105b6
+    optimizers/twolevel_kfac.py:517, so rho = decay
     from the second refresh on).
     """
 

@@ -10,6 +10,8 @@ bias when the layer has one. Its per-sample quantities are
 with T the number of spatial locations (T = 1 for a Linear layer on flat inputs; extra leading
 dimensions of a Linear input are treated as locations sharing the weight, like a convolution).
 The per-sample gradient is then DW_i^(b) = sum_t g_{i,t}^(b) abar_{i-1,t}^(b)T (eqs. 2.4, 2.7).
+A module called several times in one forward pass (a shared module) is one layer whose locations
+are those of all its calls, so that this sum runs over calls too (docs/library.md, "Shared modules").
 
 Vectorisation order: in this code a layer's parameter vector is the row-major flattening of that
 (O, I) matrix, i.e. [W.flatten(), b] row by row. This is the paper's column-stacking vec of W^T;
@@ -62,6 +64,28 @@ def skipped_modules(model: nn.Module, exclude=()) -> list[tuple[str, str]]:
     kept = {id(m) for _, m in preconditioned_layers(model, exclude)}
     return [(name, type(m).__name__) for name, m in model.named_modules()
             if id(m) not in kept and any(True for _ in m.parameters(recurse=False))]
+
+
+def check_untied(model: nn.Module, layers: list[tuple[str, nn.Module]]) -> None:
+    """ValueError (one line) if a preconditioned layer shares a parameter with another module.
+
+    A layer is one module: its Fisher comes from that module's calls. A parameter tied between two
+    modules (``b.weight = a.weight``) gets a gradient summed over both, which neither module's
+    Kronecker factors describe (and two layers would write one ``.grad``). Calling the same module
+    twice is supported instead (its calls are locations of one layer, see ``ForwardCapture``).
+    """
+    owners: dict[int, list[str]] = {}
+    for name, m in model.named_modules():
+        for pname, param in m.named_parameters(recurse=False):
+            owners.setdefault(id(param), []).append(f"{name}.{pname}" if name else pname)
+    for name, m in layers:
+        for pname, param in m.named_parameters(recurse=False):
+            own = f"{name}.{pname}" if name else pname
+            others = [o for o in owners[id(param)] if o != own]
+            if others:
+                raise ValueError(f"layer {name!r} shares its parameter {own!r} with {others}: a tied parameter's "
+                                 "gradient sums over modules KFAC treats as separate layers; call one module twice "
+                                 f"instead of tying two, or leave the layer out with exclude=[{name!r}]")
 
 
 def matrix_shape(module: nn.Module) -> tuple[int, int]:
@@ -140,29 +164,41 @@ def param_matrix(module: nn.Module) -> torch.Tensor:
 
 
 class ForwardCapture:
-    """Forward hooks that keep each layer's latest input and output while gradients are enabled.
+    """Forward hooks that keep each layer's inputs and outputs of the latest forward pass while
+    gradients are enabled.
 
     ``armed()`` (default: always) tells whether a forward pass is wanted; the preconditioners arm
     the hooks only until they have taken this step's Fisher batch, so the main training forward
     pass holds no extra references. The outputs are the pre-activations s_i; ``torch.autograd.grad`` of the summed sampled
     negative log-likelihood with respect to them gives g_i for every sample without touching
     ``.grad`` (so the user's own ``loss.backward()`` is unaffected).
+
+    A module called several times in one forward pass (a shared block, weight tying) keeps every
+    call: ``inputs[i]`` and ``outputs[i]`` are the lists of its calls in call order (None: not
+    called), each output paired with its own input. ``root`` (the model): a forward pass of it
+    starts a new capture, so only the latest pass is kept, never calls of two passes.
     """
 
-    def __init__(self, modules: list[nn.Module], armed=None):
+    def __init__(self, modules: list[nn.Module], armed=None, root: nn.Module | None = None):
         self.modules = modules
         self.armed = armed if armed is not None else (lambda: True)
-        self.inputs: list[torch.Tensor | None] = [None] * len(modules)
-        self.outputs: list[torch.Tensor | None] = [None] * len(modules)
-        self._versions: list[int | None] = [None] * len(modules)
+        self.clear()
         self._handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(modules)]
+        if root is not None:
+            self._handles.append(root.register_forward_pre_hook(self._new_pass))
+
+    def _new_pass(self, module, inputs):
+        if torch.is_grad_enabled() and self.armed():
+            self.clear()
 
     def _hook(self, index: int):
         def hook(module, inputs, output):
             if torch.is_grad_enabled() and output.requires_grad and self.armed():
-                self.inputs[index] = inputs[0].detach()
-                self._versions[index] = inputs[0]._version
-                self.outputs[index] = output
+                if self.outputs[index] is None:
+                    self.inputs[index], self.outputs[index], self._versions[index] = [], [], []
+                self.inputs[index].append(inputs[0].detach())
+                self._versions[index].append(inputs[0]._version)
+                self.outputs[index].append(output)
                 # The network continues with a copy: an in-place operation after the layer
                 # (ReLU(inplace=True), a residual `out += x`) modifies the copy, so the captured
                 # pre-activation s_i, and the gradient taken with respect to it, stay those of the
@@ -174,16 +210,23 @@ class ForwardCapture:
 
     def check_inputs(self, names: list[str]) -> None:
         """RuntimeError if a captured layer input was modified in place after the layer ran (its
-        abar would then not be the input the layer saw)."""
-        changed = [n for n, x, v in zip(names, self.inputs, self._versions) if x is not None and x._version != v]
+        abar would then not be the input the layer saw), or if the calls of a shared layer saw
+        different batch sizes (their per-sample gradients cannot be summed sample by sample)."""
+        changed = [n for n, xs, vs in zip(names, self.inputs, self._versions)
+                   if xs is not None and any(x._version != v for x, v in zip(xs, vs))]
         if changed:
             raise RuntimeError(f"the input of layer(s) {changed} was modified in place after the layer used it; "
                                "KFAC needs the layer's own input (avoid in-place operations on layer inputs)")
+        for name, xs in zip(names, self.inputs):
+            if xs is not None and len({x.shape[0] for x in xs}) > 1:
+                raise RuntimeError(f"layer {name!r} was called {len(xs)} times in one forward pass on batches of "
+                                   f"sizes {[x.shape[0] for x in xs]}; every call of a shared layer must see the "
+                                   "whole batch, one row per sample (docs/library.md, 'Shared modules')")
 
     def clear(self) -> None:
-        self.inputs = [None] * len(self.modules)
-        self.outputs = [None] * len(self.modules)
-        self._versions = [None] * len(self.modules)
+        self.inputs: list[list[torch.Tensor] | None] = [None] * len(self.modules)
+        self.outputs: list[list[torch.Tensor] | None] = [None] * len(self.modules)
+        self._versions: list[list[int] | None] = [None] * len(self.modules)
 
     def remove(self) -> None:
         for h in self._handles:

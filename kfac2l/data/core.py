@@ -257,7 +257,33 @@ def _synthetic(split_seed: int, n: int = 20000) -> DataSplits:
                       "SYNTHETIC stand-in for CURVES (not the paper's data)")
 
 
-DATASETS = ("mnist", "fashion_mnist", "cifar10", "cifar100", "svhn", "curves", "faces", "curves_synthetic")
+# ----------------------------------------------------------------------------- TKO toy problem
+TKO_TRAIN, TKO_TEST, TKO_FEATURES = 25000, 2500, 10
+
+
+def tko_toy(seed: int = 0, n_train: int = TKO_TRAIN, n_test: int = TKO_TEST,
+            features: int = TKO_FEATURES) -> DataSplits:
+    """The binary toy problem of Tselepidis, Kohler & Orvieto (2020), drawn as their train_toy.py
+    draws it (docs/protocol.md, "convention=tko"): a bias-free linear teacher R^features -> R with
+    Kaiming-uniform weights (fan-in, ReLU gain), X ~ N(0, I) from the same generator, labels
+    1[sigmoid(teacher(X)) > 0.5]; the first ``n_train`` rows train, the rest test.
+
+    ``seed`` is their --seed (the run's seed): teacher and data come from a generator seeded with
+    seed + 1, as theirs. Their teacher is an nn.Linear, whose constructor draws PyTorch's default
+    initialisation before their Kaiming re-initialisation; that first draw is made and discarded
+    here so that the stream, hence the data, is theirs (tests/fixtures/tko_toy_*.json)."""
+    gen = torch.Generator().manual_seed(int(seed) + 1)
+    weight = torch.empty(1, features)
+    weight.uniform_(generator=gen)  # the discarded constructor draw (same count of uniforms)
+    torch.nn.init.kaiming_uniform_(weight, mode="fan_in", nonlinearity="relu", generator=gen)
+    x = torch.randn(n_train + n_test, features, generator=gen)
+    y = (torch.sigmoid(torch.nn.functional.linear(x, weight)) > 0.5).float()  # (N, 1), as their BCE targets
+    return DataSplits("tko_toy", x[:n_train], y[:n_train], x[n_train:], y[n_train:],
+                      f"generated: TKO toy problem, teacher and data seed {int(seed) + 1} (their --seed {int(seed)})",
+                      num_classes=2)
+
+
+DATASETS = ("mnist", "fashion_mnist", "cifar10", "cifar100", "svhn", "curves", "faces", "curves_synthetic", "tko_toy")
 
 
 def load_dataset(name: str, root: str | Path = "data", download: bool = True, md5: str | None = None,
@@ -267,6 +293,7 @@ def load_dataset(name: str, root: str | Path = "data", download: bool = True, md
     mnist_autoencoder_split: use MNIST's train set split 50000/10000 at random (the MNIST
     auto-encoder problem) instead of the standard train/test split.
     num_samples: size of the synthetic CURVES stand-in (20000 like CURVES).
+    tko_toy: generated (``tko_toy``) with ``split_seed`` as their --seed (the run's seed).
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
@@ -275,6 +302,8 @@ def load_dataset(name: str, root: str | Path = "data", download: bool = True, md
         return _mat(name, root, download, md5, split_seed)
     if name == "curves_synthetic":
         return _synthetic(split_seed, num_samples)
+    if name == "tko_toy":
+        return tko_toy(split_seed)
     splits = _torchvision(name, root, download)
     if mnist_autoencoder_split:
         perm = torch.randperm(splits.x_train.shape[0], generator=torch.Generator().manual_seed(split_seed))

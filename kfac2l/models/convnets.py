@@ -7,7 +7,8 @@ from torch import nn
 
 
 def cuda_convnet(num_classes: int = 10, in_channels: int = 3) -> nn.Sequential:
-    """The authors' Cuda-convnet (docs/protocol.md), smaller than Grosse & Martens (2016)'s original:
+    """The authors' Cuda-convnet (natural-gradients@97105b6 apps/mlp_cnn/models.py:351-374), smaller
+    than Grosse & Martens (2016)'s original:
     conv3x3(3->32), ReLU, maxpool3, BN; conv3x3(32->32), ReLU, maxpool3, BN; conv2x2(32->64),
     ReLU; linear(64->10); no padding, so 32 -> 30 -> 10 -> 8 -> 2 -> 1."""
     return nn.Sequential(
@@ -20,7 +21,8 @@ def cuda_convnet(num_classes: int = 10, in_channels: int = 3) -> nn.Sequential:
 
 def resnet(depth: int, num_classes: int, stem: str = "imagenet") -> nn.Module:
     """torchvision ResNet18/34 trained from scratch. ``stem='imagenet'`` keeps the 7x7 stride-2
-    convolution and max-pool (what the authors used on 32x32 images); ``'cifar'`` replaces them by
+    convolution and max-pool (what the authors used on 32x32 images, natural-gradients@97105b6
+    apps/mlp_cnn/models.py:404-416); ``'cifar'`` replaces them by
     a 3x3 stride-1 convolution and no pooling."""
     builders = {18: torchvision.models.resnet18, 34: torchvision.models.resnet34}
     if depth not in builders:

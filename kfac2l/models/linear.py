@@ -26,3 +26,20 @@ def deep_linear_b(widths: list[int] | None = None) -> nn.Sequential:
         if i < len(widths) - 2:
             layers.append(nn.BatchNorm1d(d_out))
     return nn.Sequential(*layers)
+
+
+def tko_mlp(depth: int = 62, features: int = 10, width: int = 10, outputs: int = 1) -> nn.Sequential:
+    """The student network of Tselepidis, Kohler & Orvieto's toy problem (their SimpleMLP with
+    bias=False, batch_norm=True, no activation): Linear(features->width)+BN, ``depth`` x
+    [Linear(width->width)+BN], Linear(width->outputs), all without bias: depth + 2 linear layers
+    (their --depth; the paper's 64 layers are depth 62). depth = 0 is their single-layer network
+    Linear(features->outputs), without BatchNorm."""
+    if int(depth) != depth or depth < 0:
+        raise ValueError(f"depth={depth!r}; valid: an integer >= 0")
+    if depth == 0:
+        return nn.Sequential(nn.Linear(features, outputs, bias=False))
+    layers: list[nn.Module] = [nn.Linear(features, width, bias=False), nn.BatchNorm1d(width)]
+    for _ in range(depth):
+        layers += [nn.Linear(width, width, bias=False), nn.BatchNorm1d(width)]
+    layers.append(nn.Linear(width, outputs, bias=False))
+    return nn.Sequential(*layers)

@@ -37,6 +37,7 @@ from kfac2l.curvature.fisher import (
 from kfac2l.curvature.kronecker import DAMPING_MODES, DampedKronecker, DiagonalBlocks, FactorState, batch_factors
 from kfac2l.curvature.layers import (
     ForwardCapture,
+    check_untied,
     grad_matrix,
     preconditioned_layers,
     skipped_modules,
@@ -49,8 +50,21 @@ KL_CLIP_FORMS = ("unscaled", "lr_squared")
 EIGENBASIS = ("auto", "always", "never")
 
 
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _in_parameter_dtype(modules, per_module):
+    """Captured activations / output gradients of an autocast pass (bfloat16, float16), one list
+    of calls per module, cast to the dtype of their layer's weight, so that factors and Fisher
+    products are formed in it."""
+    return [[t if t is None or t.dtype == m.weight.dtype else t.to(m.weight.dtype) for t in calls]
+            for m, calls in zip(modules, per_module)]
+
+
 class UnpreconditionedWarning(UserWarning):
     """Modules with parameters that keep their plain gradient (not Linear/Conv2d, or excluded)."""
+
+
 EMA_COUNTS = ("refreshes", "iterations")
 
 
@@ -68,9 +82,11 @@ class CurvaturePreconditioner:
         lr: learning rate used by KL-clipping only (kept in sync by ``kfac2l.optim.Optimizer``).
         kl_clip: kappa; if set, the step zeta is scaled by nu (applied before the base optimiser's lr).
         kl_clip_form: 'unscaled' (default) nu = min(1, sqrt(kappa / sum_i |<zeta_i, grad_i>|)),
-            the form of the authors' code, for which the protocol's kappa values were tuned;
+            the form of the authors' code (natural-gradients@97105b6 optimizers/kfac.py:136-146, which sums per
+            parameter tensor, weight and bias apart), for which the protocol's kappa values were tuned;
             'lr_squared' nu = min(1, sqrt(kappa / (lr^2 |<zeta, grad>|))) (Martens & Grosse 2015,
-            kfac-pytorch), with the same kappa a much weaker clip at lr < 1.
+            kfac-pytorch, e.g. KFAC-Pytorch@2ff652f optimizers/kfac.py:144-154), with the same kappa
+            a much weaker clip at lr < 1.
         diagnostics: record the last step's diagnostics (see ``diagnostics``).
         exact_reference: with diagnostics, also compute the exact natural gradient on the Fisher
             batch and the true F_bullet-distances to it.
@@ -114,6 +130,7 @@ class CurvaturePreconditioner:
         if not self.layers:
             raise ValueError("the model has no nn.Linear or nn.Conv2d layer to precondition"
                              + (f" outside exclude={list(self.exclude)}" if self.exclude else ""))
+        check_untied(model, self.layers)
         self.skipped_modules = skipped_modules(model, self.exclude)
         if self.skipped_modules and warn_skipped:
             counts = Counter(kind for _, kind in self.skipped_modules)
@@ -121,7 +138,7 @@ class CurvaturePreconditioner:
                           f"({', '.join(f'{k} x{n}' for k, n in counts.items())}); see .skipped_modules",
                           UnpreconditionedWarning, stacklevel=3)
         self.modules = [m for _, m in self.layers]
-        self.capture = ForwardCapture(self.modules, armed=self._wants_fisher_batch)
+        self.capture = ForwardCapture(self.modules, armed=self._wants_fisher_batch, root=model)
         self.damping = float(damping)
         self.lr = float(lr)
         self.kl_clip = kl_clip
@@ -133,6 +150,7 @@ class CurvaturePreconditioner:
         self.groups: list[LayerGroup] | None = None
         self.group_indices: list[list[int]] | None = None  # layer grouping, kept across steps
         self._batch_step = -1
+        self._uncommitted = False  # a Fisher batch taken but not yet folded into the state
         self._diag: dict[str, torch.Tensor] = {}
 
     # ----------------------------------------------------------------- Fisher batch
@@ -165,6 +183,10 @@ class CurvaturePreconditioner:
         if self._batch_step != self.steps and not self.needs_curvature():
             self.capture.clear()
             return
+        with self._autocast_off():
+            self._take_fisher_batch(output, likelihood, targets, generator, batch)
+
+    def _take_fisher_batch(self, output, likelihood, targets, generator, batch) -> None:
         outputs = self.capture.outputs
         missing = [name for (name, _), o in zip(self.layers, outputs) if o is None]
         if missing:
@@ -176,16 +198,25 @@ class CurvaturePreconditioner:
                 "leave it out with exclude=[name]"
             )
         self.capture.check_inputs([name for name, _ in self.layers])
+        output = output.float() if output.dtype in LOW_PRECISION else output
         if targets is None:
             targets = sample_targets(output, likelihood, generator)
         nll = summed_nll(output, targets, likelihood)
-        grads = torch.autograd.grad(nll, outputs, retain_graph=True, allow_unused=True)
-        grads = [go if go is not None else torch.zeros_like(out) for out, go in zip(outputs, grads)]
-        self.groups = capture_groups(self.modules, self.capture.inputs, grads, self._shard(batch))
+        inputs = [xs[:] for xs in self.capture.inputs]  # as captured (a recomputing backward cannot add calls)
+        calls = [out for layer in outputs for out in layer]  # a shared layer: one output per call
+        flat = torch.autograd.grad(nll, calls, retain_graph=True, allow_unused=True)
+        flat = iter([go if go is not None else torch.zeros_like(out) for out, go in zip(calls, flat)])
+        grads = [[next(flat) for _ in xs] for xs in inputs]  # each call's own output gradient
+        inputs, grads = _in_parameter_dtype(self.modules, inputs), _in_parameter_dtype(self.modules, grads)
+        self.groups = capture_groups(self.modules, inputs, grads, self._shard(batch))
         self.group_indices = [list(g.indices) for g in self.groups]
         self.capture.clear()
         self._batch_step = self.steps
-        self._on_fisher_batch()
+        self._uncommitted = True  # folded into the curvature state by step(), not by skip()
+
+    def _autocast_off(self):
+        """Full precision inside the preconditioner even when called under ``torch.autocast``."""
+        return torch.autocast(self.modules[0].weight.device.type, enabled=False)
 
     def _shard(self, batch: int | None):
         """The part of the Fisher batch this process captured (all of it without ``reduce``)."""
@@ -236,9 +267,29 @@ class CurvaturePreconditioner:
 
     @torch.no_grad()
     def step(self) -> None:
-        """Replace ``.grad`` of the preconditioned layers by the step direction zeta."""
+        """Replace ``.grad`` of the preconditioned layers by the step direction zeta; this step's
+        Fisher batch is folded into the curvature state here (see ``skip``). The gradients must
+        be unscaled (``GradScaler.unscale_``, done by ``kfac2l.optim.Optimizer``)."""
         if self.group_indices is None:
             raise RuntimeError(f"call {type(self).__name__}.update_curvature() before the first step()")
+        with self._autocast_off():
+            self._step()
+
+    def skip(self) -> None:
+        """Give up this step (a GradScaler found inf/nan gradients): the Fisher batch is dropped and
+        no curvature state (factors, counters, inverses) changes; the next step takes a new one."""
+        self.capture.clear()
+        self.groups, self._batch_step, self._uncommitted = None, -1, False
+        self._diag = {}
+
+    def _commit_fisher_batch(self) -> None:
+        """Fold this step's Fisher batch into the curvature state (once; see ``skip``)."""
+        if self._uncommitted:
+            self._uncommitted = False
+            self._on_fisher_batch()
+
+    def _step(self) -> None:
+        self._commit_fisher_batch()
         self._diag = {}
         self.capture.clear()  # drop references to this step's layer outputs
         grads = self._gather()
@@ -282,7 +333,7 @@ class CurvaturePreconditioner:
     def load_state_dict(self, state: dict) -> None:
         self.steps, self.damping, self.lr = int(state["steps"]), float(state["damping"]), float(state["lr"])
         self.group_indices = state["group_indices"]
-        self.groups, self._batch_step = None, -1
+        self.groups, self._batch_step, self._uncommitted = None, -1, False
 
     def _record_exact(self, groups, grads, candidates: dict[str, list[torch.Tensor]]) -> None:
         zeta = natural_gradient(groups, grads, self.damping)
@@ -302,11 +353,14 @@ class KFAC(CurvaturePreconditioner):
 
     Args (besides those of ``CurvaturePreconditioner``):
         damping_mode: 'pi' (eq. 2.30, default), 'factor' (lambda added to each factor, as the
-            authors' two-level code did), 'exact' ((A (x) G + lambda I)^{-1} in the eigenbasis)
-            or 'unit_pi' (sqrt(lambda / T) added to each factor, the authors' KFAC baseline).
+            authors' two-level code did, natural-gradients@97105b6 optimizers/twolevel_kfac.py:128-132),
+            'exact' ((A (x) G + lambda I)^{-1} in the eigenbasis)
+            or 'unit_pi' (sqrt(lambda / T) added to each factor, the authors' KFAC baseline,
+            natural-gradients@97105b6 optimizers/kfac.py:357-388).
         ema_decay: moving-average weight cap; rho = min(1 - 1/k, ema_decay).
         ema_count: what k counts: 'refreshes' (default; the running average of the factor
-            estimates) or 'iterations' (the step counter at the refresh, as the authors' code).
+            estimates) or 'iterations' (the step counter at the refresh, as the authors' code,
+            natural-gradients@97105b6 optimizers/twolevel_kfac.py:517).
         freeze_factors: keep the factors of the first Fisher batch forever (the authors' KFAC
             baseline in effect, docs/protocol.md; an ablation, never a default).
         cov_interval: T_cov, refresh the factors every this many steps (1 in the library,
@@ -381,6 +435,7 @@ class KFAC(CurvaturePreconditioner):
         return 1
 
     def _inverses(self) -> list[DampedKronecker]:
+        self._commit_fisher_batch()
         due = self.steps % self.inv_interval == 0 or self.kron is None or self._kron_damping != self.damping
         if due:
             previous = self.kron if self.kron is not None and len(self.kron) == len(self.factors) else None
@@ -492,7 +547,9 @@ class TwoLevelKFAC(KFAC):
 
     The coarse operator F_coarse = R0 F_bullet R0^T (3.12) and the residual are computed every
     step from the Fisher batch of that step, so the two are always consistent (unlike the authors'
-    code). PREVIOUS, with its Kronecker coarse operator, is ``PreviousKFAC``.
+    code, natural-gradients@97105b6 optimizers/twolevel_kfac.py:255-278, whose operator is averaged over
+    time, rebuilt every 100 steps, from a Fisher batch up to 99 steps old). PREVIOUS, with its Kronecker
+    coarse operator, is ``PreviousKFAC``.
     """
 
     def __init__(

@@ -74,12 +74,20 @@ def _spec(name: str) -> OptimizerSpec:
 
 
 class Optimizer:
-    """A base torch optimiser with an optional curvature preconditioner in front of it."""
+    """A base torch optimiser with an optional curvature preconditioner in front of it.
 
-    def __init__(self, name: str, base: torch.optim.Optimizer, preconditioner: CurvaturePreconditioner | None):
+    ``grad_scaler``: a ``torch.amp.GradScaler`` for float16 training (docs/mixed_precision.md);
+    the loss must then be backpropagated as ``grad_scaler.scale(loss)`` (``training_step`` does).
+    ``step`` unscales the gradients before preconditioning and KL-clipping, and a step whose
+    gradients are not finite changes nothing: no base step, no curvature state change.
+    """
+
+    def __init__(self, name: str, base: torch.optim.Optimizer, preconditioner: CurvaturePreconditioner | None,
+                 grad_scaler: torch.amp.GradScaler | None = None):
         self.name = name
         self.base = base
         self.preconditioner = preconditioner
+        self.grad_scaler = grad_scaler
 
     @property
     def lr(self) -> float:
@@ -98,10 +106,28 @@ class Optimizer:
         self.base.zero_grad(set_to_none=True)
 
     def step(self) -> None:
+        """Precondition (if any) and take the base step; with ``grad_scaler`` see the class doc."""
+        if self.grad_scaler is not None:
+            return self._scaled_step(self.grad_scaler)
         if self.preconditioner is not None:
             self.preconditioner.lr = self.lr
             self.preconditioner.step()
         self.base.step()
+
+    def _scaled_step(self, scaler: torch.amp.GradScaler) -> None:
+        """unscale_, then precondition or ``skip`` by GradScaler's own test (a non-finite unscaled
+        gradient), then ``scaler.step`` (which skips the base step on the same test) and ``update``.
+        Reading the test is one host synchronisation: the one ``GradScaler.step`` makes anyway
+        (torch/amp/grad_scaler.py ``_maybe_opt_step``), made a little earlier."""
+        scaler.unscale_(self.base)
+        if self.preconditioner is not None:
+            if _all_finite(self.base):
+                self.preconditioner.lr = self.lr
+                self.preconditioner.step()
+            else:
+                self.preconditioner.skip()
+        scaler.step(self.base)
+        scaler.update()
 
     @property
     def diagnostics(self) -> dict[str, float]:
@@ -110,7 +136,10 @@ class Optimizer:
     def state_dict(self) -> dict:
         """Base optimiser and preconditioner state (for checkpoints; loads with weights_only=True)."""
         pre = self.preconditioner.state_dict() if self.preconditioner is not None else None
-        return {"name": self.name, "base": self.base.state_dict(), "preconditioner": pre}
+        state = {"name": self.name, "base": self.base.state_dict(), "preconditioner": pre}
+        if self.grad_scaler is not None:
+            state["grad_scaler"] = self.grad_scaler.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("name") != self.name:
@@ -118,6 +147,15 @@ class Optimizer:
         self.base.load_state_dict(state["base"])
         if self.preconditioner is not None:
             self.preconditioner.load_state_dict(state["preconditioner"])
+        if self.grad_scaler is not None and "grad_scaler" in state:
+            self.grad_scaler.load_state_dict(state["grad_scaler"])
+
+
+def _all_finite(base: torch.optim.Optimizer) -> bool:
+    """Whether every gradient of ``base``'s parameters is finite (after ``GradScaler.unscale_``:
+    the test GradScaler applies; reading it synchronises with the device)."""
+    grads = [p.grad for group in base.param_groups for p in group["params"] if p.grad is not None]
+    return bool(torch.stack([g.isfinite().all() for g in grads]).all()) if grads else True
 
 
 def make_optimizer(name: str, model: nn.Module, lr: float, reduce=None, **options) -> Optimizer:

@@ -1,8 +1,9 @@
 """One training step with the paper's curvature schedule (shared by the runner and the bench).
 
 When the optimiser needs curvature this step, the Fisher statistics come from a second
-forward/backward on ``fisher_fraction * B`` samples drawn with replacement from the mini-batch,
-with targets sampled from the model (docs/protocol.md); it leaves the BatchNorm running statistics
+forward/backward on ``fisher_fraction * B`` samples drawn with replacement from the mini-batch
+(or, with ``resample=False``, on the mini-batch itself, as Tselepidis et al.'s code), with
+targets sampled from the model (docs/protocol.md); it leaves the BatchNorm running statistics
 untouched. Nothing here synchronises with the device.
 """
 
@@ -27,6 +28,8 @@ class Task:
     likelihood: str
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     autoencoder: bool
+    predict: Callable[[torch.Tensor], torch.Tensor] | None = None  # outputs -> labels (accuracy)
+    outputs: int | None = None  # network outputs per sample the task fixes (None: one per class)
 
 
 def _bce_mean(out, target):
@@ -37,11 +40,37 @@ def _mse_mean(out, target):
     return F.mse_loss(out, target.flatten(1))
 
 
+def _argmax(out):
+    return out.argmax(1)
+
+
+def _positive(out):
+    """1[sigmoid(logit) > 0.5] as a float label (Tselepidis et al.'s train_toy.py:90)."""
+    return (torch.sigmoid(out) > 0.5).to(out.dtype)
+
+
 TASKS = {
-    "classification": Task("classification", "categorical", F.cross_entropy, False),
+    "classification": Task("classification", "categorical", F.cross_entropy, False, _argmax),
+    # one logit per sample, float 0/1 targets of shape (B, 1): BCE with logits, Bernoulli Fisher targets
+    "binary_classification": Task("binary_classification", "bernoulli", F.binary_cross_entropy_with_logits, False,
+                                  _positive, outputs=1),
     "bernoulli_autoencoder": Task("bernoulli_autoencoder", "bernoulli", _bce_mean, True),
     "gaussian_autoencoder": Task("gaussian_autoencoder", "gaussian", _mse_mean, True),
 }
+
+
+PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def mixed_precision(name: str, device: torch.device) -> tuple[torch.dtype | None, torch.amp.GradScaler | None]:
+    """(autocast dtype for ``training_step``, GradScaler for ``Optimizer.grad_scaler``) of the
+    runner's ``precision`` key: float32 (neither), bfloat16 (autocast; its range is float32's, so
+    no loss scaling), float16 (autocast and a GradScaler; CUDA only). docs/mixed_precision.md."""
+    if name not in PRECISIONS:
+        raise ValueError(f"precision={name!r} is not valid; choose one of {tuple(PRECISIONS)}")
+    if name == "float16" and device.type != "cuda":
+        raise ValueError(f"precision='float16' needs a CUDA device, not {str(device)!r}; valid here: float32, bfloat16")
+    return PRECISIONS[name], torch.amp.GradScaler(device.type) if name == "float16" else None
 
 
 def get_task(name: str) -> Task:
@@ -74,6 +103,8 @@ def training_step(
     y: torch.Tensor | None,
     fisher_fraction: float = 0.25,
     generator: torch.Generator | None = None,
+    autocast: torch.dtype | None = None,
+    resample: bool = True,
 ) -> torch.Tensor:
     """Fisher pass if due, then the loss, backward, preconditioning and the base step.
 
@@ -81,15 +112,44 @@ def training_step(
     when None); the runner reseeds it every iteration so that the Fisher batch of an iteration
     does not depend on how many Fisher passes came before (diagnostics, which take one every
     step, then leave the trajectory unchanged, and a resumed run draws the same batches).
+    ``autocast``: run both forward passes under ``torch.autocast`` in this dtype (bfloat16, or
+    float16 with ``optimizer.grad_scaler`` set; docs/mixed_precision.md); the loss is taken in
+    float32 and the curvature is formed in the parameters' dtype.
+    ``resample=False``: the Fisher pass runs on the mini-batch itself (``fisher_fraction`` unused;
+    the statistics of the training batch, as Tselepidis et al.'s train_toy.py:64-84).
     Returns the mini-batch loss as a 0-dim tensor (not synchronised)."""
     target = x if task.autoencoder else y
+    forward = autocast_forward(model, x.device.type, autocast)
     if optimizer.needs_curvature():
-        size = max(1, int(round(fisher_fraction * x.shape[0])))
-        idx = torch.randint(0, x.shape[0], (size,), device=x.device, generator=generator)
         with batchnorm_statistics_kept(model):
-            optimizer.update_curvature(model(x[idx]), task.likelihood, generator=generator)
+            optimizer.update_curvature(forward(fisher_inputs(x, fisher_fraction, generator, resample)), task.likelihood,
+                                       generator=generator)
     optimizer.zero_grad()
-    loss = task.loss(model(x), target)
-    loss.backward()
+    loss = task.loss(forward(x), target)
+    scaler = optimizer.grad_scaler
+    (loss if scaler is None else scaler.scale(loss)).backward()
     optimizer.step()
     return loss.detach()
+
+
+def fisher_inputs(x: torch.Tensor, fisher_fraction: float, generator: torch.Generator | None,
+                  resample: bool = True) -> torch.Tensor:
+    """The inputs of the Fisher batch: ``fisher_fraction * B`` rows drawn with replacement from the
+    mini-batch x (by ``generator``), or x itself with ``resample=False``."""
+    if not resample:
+        return x
+    size = max(1, int(round(fisher_fraction * x.shape[0])))
+    return x[torch.randint(0, x.shape[0], (size,), device=x.device, generator=generator)]
+
+
+def autocast_forward(model: nn.Module, device_type: str, autocast: torch.dtype | None):
+    """model(x), or model(x) under ``torch.autocast(device_type, autocast)`` returned in float32."""
+    if autocast is None:
+        return model
+
+    def forward(x):
+        with torch.autocast(device_type, dtype=autocast):
+            out = model(x)
+        return out.float()
+
+    return forward

@@ -42,15 +42,18 @@ def load_diagnostics(root: str | Path) -> pd.DataFrame:
 
 
 def summary_table(root: str | Path) -> pd.DataFrame:
-    """Best training loss (mean over seeds), epochs run and status per optimiser."""
+    """Per optimiser: the best training loss, median, min and max over seeds (column names say the
+    statistic), median epochs run, seeds and diverged runs."""
     rows = [{"optimizer": s.get("optimizer"), "seed": s.get("seed"), "status": s.get("status"),
              "best_train_loss": s.get("best_train_loss"), "epochs_run": s.get("epochs_run"),
              "lr": s.get("lr"), "damping": s.get("damping")} for _, s in _runs(root)]
     if not rows:
-        return pd.DataFrame(columns=["optimizer", "best_train_loss", "epochs_run", "seeds", "diverged"])
+        return pd.DataFrame(columns=["optimizer", "best_train_loss_median", "best_train_loss_min",
+                                     "best_train_loss_max", "epochs_run_median", "seeds", "diverged"])
     frame = pd.DataFrame(rows)
     table = frame.groupby("optimizer").agg(
-        best_train_loss=("best_train_loss", "mean"), epochs_run=("epochs_run", "mean"),
+        best_train_loss_median=("best_train_loss", "median"), best_train_loss_min=("best_train_loss", "min"),
+        best_train_loss_max=("best_train_loss", "max"), epochs_run_median=("epochs_run", "median"),
         seeds=("seed", "nunique"), diverged=("status", lambda s: int((s == "diverged").sum())),
         lr=("lr", "first"), damping=("damping", "first"),
     ).reset_index()

@@ -1,0 +1,128 @@
+"""The report's statistics and provenance: paired tests against values derived by hand, the KL-clip
+record, the bit-for-bit recheck of committed runs, and docs/report.md in sync with the files."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from test_runs import _cfg
+
+from kfac2l.analysis import MIN_PAIRS, compare, family, holm, run_endpoints
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_exact_wilcoxon_p_of_ten_pairs_all_one_sign_is_two_over_two_to_the_ten():
+    d = pd.Series(-np.arange(1, 11) / 100.0, index=range(1, 11))
+    c = compare(d, "nico", "kfac")
+    assert c.n == 10 and c.lower == 10
+    assert c.p == pytest.approx(2 / 2**10, rel=1e-12)  # the smallest two-sided p at n = 10
+    assert c.median_diff == pytest.approx(-0.055)
+    assert d.min() <= c.ci_low <= c.median_diff <= c.ci_high <= d.max()
+
+
+def test_fewer_than_nine_pairs_are_descriptive_only():
+    c = compare(pd.Series(-np.arange(1, MIN_PAIRS) / 10.0), "nico", "kfac")
+    assert c.p is None and c.ci_low is None and "descriptive" in c.verdict
+
+
+def test_holm_correction_by_hand():
+    """p = (0.01, 0.04, 0.03): sorted 0.01 x 3 = 0.03, 0.03 x 2 = 0.06, then max(0.04 x 1, 0.06) = 0.06."""
+    from kfac2l.analysis import Comparison
+
+    comps = [Comparison(o, "kfac", 10, -0.1, -0.2, 0.0, 8, p) for o, p in (("a", 0.01), ("b", 0.04), ("c", 0.03))]
+    adjusted = {c.optimizer: c.p_holm for c in holm(comps)}
+    assert adjusted == pytest.approx({"a": 0.03, "b": 0.06, "c": 0.06})
+    assert [c.verdict for c in holm(comps)][0] == "lower than KFAC"
+
+
+def test_family_pairs_by_seed_not_by_position():
+    frame = pd.DataFrame({"optimizer": ["kfac"] * 3 + ["nico"] * 3, "seed": [1, 2, 3, 3, 2, 1],
+                          "best": [0.5, 0.6, 0.7, 0.71, 0.62, 0.53]})
+    (c,) = family(frame, ["nico"])
+    assert c.n == 3 and c.median_diff == pytest.approx(0.02) and c.lower == 0
+
+
+def test_endpoints_carry_forward_and_censor():
+    metrics = pd.DataFrame({"epoch": range(1, 8), "iterations": [10 * k for k in range(1, 8)],
+                            "train_loss": [0.9, 0.8, 0.7, 0.6, 0.55, 0.52, 0.51], "wall_time": np.arange(1, 8.0)})
+    e = run_endpoints(metrics, threshold=0.5, epochs=(5, 10))
+    assert e["best"] == 0.51 and e["loss_at_5"] == 0.55 and not e["carried_5"]
+    assert e["loss_at_10"] == 0.51 and e["carried_10"]  # stopped at epoch 7: carried forward, flagged
+    assert e["epochs_to_threshold"] is None  # never reached: censored
+    assert e["last5_mean"] == pytest.approx(np.mean([0.7, 0.6, 0.55, 0.52, 0.51]))
+    assert e["seconds_per_iteration"] == pytest.approx(7 / 70)
+
+
+def _small(root, epochs=2):
+    return [f"dataset.root={root}", "dataset.download=false", "experiment.batch_size=32", "profile.train_subset=160",
+            "profile.test_subset=16", f"profile.max_epochs={epochs}", "profile.curvature_interval=2"]
+
+
+def test_every_step_records_the_kl_clip_factor(data_root, tmp_path):
+    from kfac2l.train import train
+
+    out = tmp_path / "run"
+    summary = train(_cfg(["optimizer=nico", "diagnostics=true", *_small(data_root)]), out)
+    with gzip.open(out / "kl_clip.csv.gz", "rt") as fh:
+        clip = pd.read_csv(fh)
+    diag = pd.read_csv(out / "diagnostics.csv")
+    assert list(clip["iteration"]) == list(range(1, summary["iterations"] + 1))
+    # the record is written with 7 significant digits: relative rounding <= 5e-7
+    assert np.allclose(clip["nu"], diag["kl_scale"], rtol=5e-7, atol=0)
+    # nu = min(1, sqrt(kappa / product)) with kappa = the experiment's kl_clip (unscaled form)
+    kappa = summary["options"]["kl_clip"]
+    expected = np.minimum(1.0, np.sqrt(kappa / clip["kl_product"].to_numpy()))
+    assert np.allclose(clip["nu"], expected, rtol=1e-6)
+    assert summary["machine"]["torch"] and summary["machine"]["cpu"]
+
+
+def test_recheck_reproduces_a_run_bit_for_bit_and_reports_a_changed_file(data_root, tmp_path):
+    from kfac2l.recheck import check_run, pick_runs
+    from kfac2l.train import train
+
+    root = tmp_path / "final" / "paper"
+    for opt, seed in (("kfac", 1), ("kfac", 2), ("sgd", 1)):
+        extra = ["optimizer.damping=null"] if opt == "sgd" else []
+        train(_cfg([f"optimizer={opt}", f"seed={seed}", *extra, *_small(data_root, epochs=3)]),
+              root / "panel" / opt / f"seed={seed}")
+    picked = pick_runs(root)
+    assert sorted((r.summary["optimizer"], r.summary["seed"]) for r in picked) == [("kfac", 1), ("sgd", 1)]
+    kfac = next(r for r in picked if r.summary["optimizer"] == "kfac")
+    assert check_run(kfac, epochs=2).ok
+    metrics = kfac.path / "metrics.csv"
+    frame = pd.read_csv(metrics)
+    frame.loc[1, "train_loss"] = np.nextafter(frame.loc[1, "train_loss"], 1.0)  # one ulp
+    frame.to_csv(metrics, index=False)
+    check = check_run(kfac, epochs=2)
+    assert not check.ok and check.mismatches[0].startswith("epoch 2 train_loss")
+
+
+def test_report_and_readme_agree_with_committed_results():
+    """Every generated table and number of README.md, docs/report.md and docs/experiments.md."""
+    from kfac2l.report import DOCUMENTS, main
+
+    docs = [str(REPO / d) for d in DOCUMENTS]
+    assert main(["--readme", *docs, "--results", str(REPO / "results"), "--check"]) == 0
+
+
+def test_every_planned_run_composes_and_validates():
+    """kfac2l.plan's multiruns: the first value of every swept key composes under Hydra and passes
+    validation (so a planned arm cannot fail at launch on a bad override)."""
+    from kfac2l.plan import arms
+    from kfac2l.train import validate
+
+    plan = arms(REPO / "results", "local")
+    assert set(plan) == {"selected", "matched", "noclip", "clipgrid", "select11", "exactref"}
+    names = set()
+    for calls in plan.values():
+        for overrides in calls:
+            single = [o.split(",")[0] if "=" in o and not o.startswith("launcher") else o for o in overrides]
+            cfg = _cfg([o for o in single if not o.startswith("launcher=")])
+            validate(cfg)
+            names.add(cfg.experiment.name)
+    assert {"deep_linear_a", "deep_linear_a_matched", "deep_linear_a_noclip", "deep_linear_a_select11"} <= names
