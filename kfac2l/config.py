@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from kfac2l.distributed import BACKENDS, placement_from_env
 from kfac2l.models import INITS, MODELS
 from kfac2l.optim import REGISTRY, TWO_LEVEL, make_optimizer
 from kfac2l.optim.scheduler import scheduler_problem
@@ -139,6 +140,7 @@ def run_identity(cfg: DictConfig, lr: float, opts: dict) -> dict:
         "convention": cfg.convention.name,
         "seed": int(cfg.seed),
         "divergence": as_dict(cfg.divergence),
+        **distributed_identity(cfg),
     } | ({} if cfg.get("precision", "float32") == "float32" else {"precision": cfg.precision})
 
 
@@ -157,12 +159,50 @@ def fisher_batch(cfg: DictConfig) -> str:
     return str(cfg.convention.get("fisher_batch", "resampled"))
 
 
+def distributed_options(cfg: DictConfig) -> dict | None:
+    """The validated ``distributed`` settings of a data-parallel run (docs/distributed.md); None
+    when it is off (or the key is absent)."""
+    opts = as_dict(cfg.get("distributed"))
+    enabled = opts.get("enabled", False)
+    if not isinstance(enabled, bool):
+        raise ConfigError(f"distributed.enabled={enabled!r}; valid: true, false")
+    if not enabled:
+        return None
+    opts.setdefault("backend", "auto")
+    opts.setdefault("sync_batchnorm", False)
+    opts.setdefault("timeout_s", 1800)
+    _choice("distributed.backend", opts["backend"], BACKENDS)
+    if not isinstance(opts["sync_batchnorm"], bool):
+        raise ConfigError(f"distributed.sync_batchnorm={opts['sync_batchnorm']!r}; valid: true, false")
+    timeout = opts["timeout_s"]
+    if not isinstance(timeout, int) or isinstance(timeout, bool) or timeout < 1:
+        raise ConfigError(f"distributed.timeout_s={timeout!r}; valid: an integer >= 1")
+    if cfg.optimizer.name == "ngd" or cfg.exact_reference:
+        what = "optimizer=ngd" if cfg.optimizer.name == "ngd" else "exact_reference=true"
+        raise ConfigError(f"{what} needs the whole Fisher batch on one process (Woodbury on its Gram matrix); "
+                          "valid: distributed.enabled=false, or a KFAC-family optimiser without exact_reference")
+    if placement_from_env() is None:
+        raise ConfigError("distributed.enabled=true but this process was started neither by torchrun (RANK, "
+                          "WORLD_SIZE) nor as a SLURM task (SLURM_PROCID, SLURM_NTASKS); valid: torchrun ... or "
+                          "launcher=slurm_ddp (docs/distributed.md), or distributed.enabled=false")
+    return opts
+
+
+def distributed_identity(cfg: DictConfig) -> dict:
+    """What data parallelism adds to the run identity (nothing when it is off): the number of
+    processes and SyncBatchNorm change BatchNorm's statistics, and the rounding of every sum."""
+    opts = distributed_options(cfg)
+    if opts is None:
+        return {}
+    return {"distributed": {"world_size": placement_from_env().world, "sync_batchnorm": opts["sync_batchnorm"]}}
+
+
 def validate(cfg: DictConfig) -> tuple[float, dict]:
     """Check every value before any data are loaded or directory is written; ConfigError names the
     bad value and the valid choices or range. Returns (lr, optimiser options)."""
     known = {"model", "dataset", "optimizer", "profile", "search", "launcher", "logger", "paths", "experiment",
              "convention", "seed", "device", "diagnostics", "exact_reference", "use_best", "progress",
-             "checkpoint", "divergence", "precision"}
+             "checkpoint", "divergence", "distributed", "precision"}
     extra = sorted(set(cfg.keys()) - known)
     if extra:
         raise ConfigError(f"unknown top-level key(s) {extra}; valid: {', '.join(sorted(known))}")
@@ -205,6 +245,7 @@ def validate(cfg: DictConfig) -> tuple[float, dict]:
         mixed_precision(cfg.get("precision", "float32"), resolve_device(cfg.device))
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    distributed_options(cfg)
     _check_writable_root(Path(str(cfg.dataset.root)), "dataset.root")
     lr, opts = optimizer_options(cfg)
     try:  # the optimiser's own checks (option names, values), on a throw-away model

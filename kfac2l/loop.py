@@ -16,7 +16,16 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from kfac2l.config import ConfigError, as_dict, fisher_batch, max_epochs, resolve_device, scheduler_spec, validate
+from kfac2l.config import (
+    ConfigError,
+    as_dict,
+    distributed_options,
+    fisher_batch,
+    max_epochs,
+    resolve_device,
+    scheduler_spec,
+    validate,
+)
 from kfac2l.data import DataSplits, TensorBatches, load_dataset
 from kfac2l.data.core import as_float
 from kfac2l.io import atomic_write_text, git_commit, machine
@@ -129,14 +138,20 @@ class Run:
     epoch loop with early stopping, divergence, checkpoints and signals; its files written by a
     ``RunRecorder``."""
 
-    def __init__(self, cfg: DictConfig, out_dir: Path, identity: dict, ident: str, validated: tuple[float, dict]):
+    def __init__(self, cfg: DictConfig, out_dir: Path, identity: dict, ident: str, validated: tuple[float, dict],
+                 parallel=None):
         self.cfg, self.out_dir, self.ident = cfg, out_dir, ident
+        self.parallel, self.leader = parallel, parallel is None or parallel.rank == 0
         self.task, self.data, self.model, lr, self.opts = prepare(cfg, validated)
-        self.device = resolve_device(cfg.device)
+        self.device = resolve_device(cfg.device) if parallel is None else parallel.device
         self.model.to(self.device)
+        reduce = None
+        if parallel is not None:  # DDP for the gradients, the all-reduce hook for the curvature
+            self.model = parallel.wrap(self.model, distributed_options(cfg)["sync_batchnorm"])
+            reduce = parallel.reduce
         with warnings.catch_warnings():  # recorded in the summary instead
             warnings.simplefilter("ignore", UnpreconditionedWarning)
-            self.optimizer = make_optimizer(cfg.optimizer.name, self.model, lr=lr, **self.opts)
+            self.optimizer = make_optimizer(cfg.optimizer.name, self.model, lr=lr, reduce=reduce, **self.opts)
         self.autocast, self.optimizer.grad_scaler = mixed_precision(cfg.get("precision", "float32"), self.device)
         self.scheduler = make_scheduler(scheduler_spec(cfg), self.optimizer.base)
         self.resample = fisher_batch(cfg) == "resampled"
@@ -145,7 +160,7 @@ class Run:
         self.fisher_gen = torch.Generator(device=self.device)
         self.progress = Progress()
         data, opts = self.data, self.opts
-        self.recorder = RunRecorder(out_dir, {
+        self.recorder = (RunRecorder if self.leader else _Follower)(out_dir, {
             "experiment": cfg.experiment.name, "optimizer": cfg.optimizer.name, "lr": lr,
             "damping": opts.get("damping"), "options": {k: v for k, v in opts.items() if k != "damping"},
             "seed": cfg.seed, "batch_size": cfg.experiment.batch_size, "profile": cfg.profile.name,
@@ -158,6 +173,8 @@ class Run:
             "plain_gradient_modules": len(pre.skipped_modules) if pre is not None else 0,
             "pid": os.getpid(), "host": socket.gethostname(),
         })
+        if parallel is not None:
+            self.summary["distributed"] = {"world_size": parallel.world, "backend": parallel.backend}
 
     @property
     def summary(self) -> dict:
@@ -178,6 +195,9 @@ class Run:
               + (f" (+{p.batch} batches)" if p.batch else ""), file=sys.stderr)
 
     def checkpoint(self) -> None:
+        """Save the checkpoint (process 0 of a data-parallel run only)."""
+        if not self.leader:
+            return
         state = {
             "identity_id": self.ident, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "data_generator": self.data_gen.get_state(), "progress": self.progress.state(),
@@ -199,11 +219,16 @@ class Run:
             if k < p.batch:
                 continue
             self.fisher_gen.manual_seed(fisher_seed(cfg.seed, p.iterations))
-            losses.append(training_step(self.model, self.optimizer, self.task, x, y, cfg.profile.fisher_fraction,
-                                        self.fisher_gen, autocast=self.autocast, resample=self.resample))
+            if self.parallel is None:
+                losses.append(training_step(self.model, self.optimizer, self.task, x, y, cfg.profile.fisher_fraction,
+                                            self.fisher_gen, autocast=self.autocast, resample=self.resample))
+            else:  # this process's shards; the returned loss is the whole mini-batch's
+                losses.append(self.parallel.training_step(self.optimizer, self.task, x, y, cfg.profile.fisher_fraction,
+                                                          self.fisher_gen, autocast=self.autocast,
+                                                          resample=self.resample))
             p.iterations += 1
             self._record_step(p)
-            if stop.signum is not None:
+            if self._stopping(stop):
                 p.batch, p.epoch_losses, p.elapsed = k + 1, losses, time.perf_counter() - t_start
                 raise Interrupted
         if p.start_loss is None:
@@ -211,6 +236,13 @@ class Run:
         loss = torch.stack(losses).mean().item()  # one synchronisation per epoch
         p.kl_rows = [[float(v) for v in r] for r in p.kl_rows]
         return loss
+
+    def _stopping(self, stop: StopRequest) -> bool:
+        """Whether a stop signal has arrived (on any process of a data-parallel run: all of them
+        then stop after the same iteration)."""
+        if self.parallel is None:
+            return stop.signum is not None
+        return self.parallel.any(stop.signum is not None)
 
     def _record_step(self, p: Progress) -> None:
         """Keep this step's diagnostics and KL-clip factor as device tensors (read once per epoch)."""
@@ -251,8 +283,10 @@ class Run:
         """Train until the budget, early stopping or divergence; checkpoint every
         ``checkpoint.every`` epochs and on SIGTERM/SIGUSR2; returns the summary."""
         cfg, p = self.cfg, self.progress
-        atomic_write_text(self.out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-        wandb_run = _wandb_init(cfg, self.summary, self.out_dir, self.ident)
+        wandb_run = None
+        if self.leader:
+            atomic_write_text(self.out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+            wandb_run = _wandb_init(cfg, self.summary, self.out_dir, self.ident)
         batches = TensorBatches(self.data.x_train, self.data.y_train, cfg.experiment.batch_size, self.data_gen,
                                 self.device)
         show = sys.stderr.isatty() if str(cfg.progress) == "auto" else str(cfg.progress).lower() == "true"
@@ -270,7 +304,7 @@ class Run:
                         status = "diverged"
                     if outcome is not None:
                         break
-                    if stop.signum is not None:
+                    if self._stopping(stop):
                         raise Interrupted
                     self.recorder.write(p, status)
                     if cfg.checkpoint.every and epoch % cfg.checkpoint.every == 0:
@@ -293,7 +327,7 @@ class Run:
                 if status == "running":
                     status = "interrupted"
                 self.recorder.write(p, status, error, self.reason)
-                if status in ("completed", "diverged") and not cfg.checkpoint.keep:
+                if status in ("completed", "diverged") and not cfg.checkpoint.keep and self.leader:
                     remove_checkpoint(self.out_dir)
                 if wandb_run is not None:
                     wandb_run.summary.update({k: v for k, v in self.summary.items() if isinstance(v, (int, float, str))})
@@ -304,6 +338,24 @@ class Run:
                 stop.__exit__()
                 stop.forward()
         return self.summary
+
+
+class _Follower(RunRecorder):
+    """The recorder of a process other than 0 of a data-parallel run: keeps the summary, writes nothing."""
+
+    def write(self, progress: Progress, status: str, error: str | None = None, reason: str | None = None) -> dict:
+        return self.summarise(progress, status, error, reason)
+
+
+def start_parallel(cfg: DictConfig):
+    """This process's ``kfac2l.distributed.DataParallel`` when ``distributed.enabled`` (the process
+    group joined, the device chosen), else None."""
+    opts = distributed_options(cfg)
+    if opts is None:
+        return None
+    from kfac2l.distributed import init_from_env
+
+    return init_from_env(opts["backend"], str(cfg.device), opts["timeout_s"])
 
 
 def _divergence(cfg, task, data: DataSplits, progress: Progress, train_loss: float) -> str | None:

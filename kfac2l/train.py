@@ -48,7 +48,7 @@ from kfac2l.config import (
     run_name,
     validate,
 )
-from kfac2l.loop import Interrupted, Run, StopRequest, evaluate, fisher_seed, prepare
+from kfac2l.loop import Interrupted, Run, StopRequest, evaluate, fisher_seed, prepare, start_parallel
 from kfac2l.runs import identity_diff, identity_id, read_summary
 from kfac2l.runs.checkpoint import CheckpointError, load_checkpoint
 
@@ -76,12 +76,19 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
     lr, opts = validate(cfg)
     identity = run_identity(cfg, lr, opts)
     ident = identity_id(identity)
+    parallel = start_parallel(cfg)  # None unless distributed.enabled
     previous = read_summary(out_dir)
     if previous is not None and previous.get("identity_id") == ident and previous.get("complete"):
         print(f"[kfac2l] {out_dir} is complete (identity {ident}); skipped", file=sys.stderr)
         return previous
-    resumed = _claim(out_dir, previous, identity, ident)
-    run = Run(cfg, out_dir, identity, ident, (lr, opts))
+    if parallel is None:
+        resumed = _claim(out_dir, previous, identity, ident)
+    else:  # process 0 claims the directory; then every process reads the checkpoint it left
+        resumed = _claim(out_dir, previous, identity, ident) if parallel.rank == 0 else None
+        parallel.barrier()
+        if parallel.rank != 0:
+            resumed = _resume_point(out_dir, ident)
+    run = Run(cfg, out_dir, identity, ident, (lr, opts), parallel)
     if resumed is not None:
         run.restore(resumed, previous)
     return run.execute()
@@ -96,6 +103,11 @@ def _claim(out_dir: Path, previous: dict | None, identity: dict, ident: str) -> 
         print(f"[kfac2l] {out_dir} held a run with another identity ({'; '.join(diff) or 'no identity recorded'});"
               f" moved to {dest}; running anew", file=sys.stderr)
         return None
+    return _resume_point(out_dir, ident)
+
+
+def _resume_point(out_dir: Path, ident: str) -> dict | None:
+    """The checkpoint in ``out_dir`` of this identity, or None (absent, unreadable, another one)."""
     try:
         resumed = load_checkpoint(out_dir)
     except CheckpointError as err:
@@ -146,7 +158,7 @@ def main(cfg: DictConfig) -> float | None:
 
 
 GROUPS = ("model", "dataset", "optimizer", "profile", "search", "launcher", "logger", "paths", "experiment",
-          "convention")
+          "convention", "distributed")
 
 
 def check_group_choices(argv: list[str]) -> str | None:

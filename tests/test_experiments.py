@@ -206,7 +206,7 @@ def test_interrupted_run_is_not_complete(data_root, tmp_path, monkeypatch):
 
 
 GROUPS = ["model", "dataset", "optimizer", "profile", "search", "launcher", "logger", "paths", "experiment",
-          "convention"]
+          "convention", "distributed"]
 
 
 @pytest.mark.parametrize("group", GROUPS)

@@ -21,6 +21,9 @@ def natural_gradient(groups: list[LayerGroup], grad: list[torch.Tensor], damping
     eigen-decomposition of the (PSD) Gram matrix, whose eigenvalues are clamped at 0 before
     B lambda is added: rounding can never make the system indefinite, and nothing synchronises.
     """
+    if groups[0].total != groups[0].batch:
+        raise ValueError("the exact natural gradient (Woodbury on the B x B Gram matrix) needs the whole Fisher batch "
+                         "on one process; valid: optimizer ngd and exact_reference=true without distributed training")
     batch = groups[0].batch
     exact = [LayerGroup(g.indices, g.a.double(), g.g.double()) for g in groups]
     evals, evecs = torch.linalg.eigh(per_sample_gradient_gram(exact))

@@ -13,22 +13,46 @@ list over groups of tensors of shape (L, k, O, I): k vectors at once, each layer
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 
 from kfac2l.curvature.basis import Basis, RankOne, block_gram
 from kfac2l.curvature.layers import conv_padding, layer_inputs, layer_output_grads, matrix_shape
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+@dataclass(frozen=True)
+class FisherShard:
+    """Where a layer group's samples sit in the Fisher batch. On one process (the default) they are
+    all of it. In data-parallel training each process holds a shard: ``total`` is the size of the
+    whole batch and ``reduce`` completes, in place, a sum over this process's samples into the sum
+    over all of them (an all-reduce; ``kfac2l.distributed``). Every sum over samples below (the
+    Kronecker factors, J v in F u, P^T P in F_coarse) goes through ``reduce``; divisors use ``total``."""
+
+    total: int | None = None
+    reduce: Callable[[torch.Tensor], torch.Tensor] = _local
+
+
+WHOLE = FisherShard()
+
+
 class LayerGroup:
     """Layers of one shape: their positions in the model and stacked per-sample quantities.
 
-    a: (L, B, T, I) augmented inputs, g: (L, B, T, O) pre-activation derivatives.
+    a: (L, B, T, I) augmented inputs, g: (L, B, T, O) pre-activation derivatives; ``shard``: the
+    part of the Fisher batch they are (``FisherShard``; all of it by default).
     """
 
-    def __init__(self, indices: list[int], a: torch.Tensor, g: torch.Tensor):
+    def __init__(self, indices: list[int], a: torch.Tensor, g: torch.Tensor, shard: FisherShard = WHOLE):
         self.indices = indices
         self.a = a
         self.g = g
+        self.shard = shard
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -36,7 +60,17 @@ class LayerGroup:
 
     @property
     def batch(self) -> int:
+        """This process's samples (all of the Fisher batch on one process)."""
         return self.a.shape[1]
+
+    @property
+    def total(self) -> int:
+        """Samples of the whole Fisher batch, over all processes: the divisor of every mean."""
+        return self.batch if self.shard.total is None else self.shard.total
+
+    def reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """A sum over this process's samples completed, in place, into the sum over all of them."""
+        return self.shard.reduce(t)
 
     @property
     def locations(self) -> int:
@@ -88,8 +122,10 @@ class ConvGroup(LayerGroup):
     calls, of any spatial sizes, and every product sums over the calls.
     """
 
-    def __init__(self, indices: list[int], modules: list, inputs: list, output_grads: list):
+    def __init__(self, indices: list[int], modules: list, inputs: list, output_grads: list,
+                 shard: FisherShard = WHOLE):
         self.indices = indices
+        self.shard = shard
         self.modules = modules
         self.inputs = [_calls(x) for x in inputs]
         self.output_grads = [_calls(go) for go in output_grads]
@@ -239,7 +275,7 @@ def _locations(module, output_grads: list[torch.Tensor]) -> int:
     return sum(go.numel() // (go.shape[0] * go.shape[-1]) for go in output_grads)
 
 
-def capture_groups(modules: list, inputs: list, output_grads: list) -> list[LayerGroup]:
+def capture_groups(modules: list, inputs: list, output_grads: list, shard: FisherShard = WHOLE) -> list[LayerGroup]:
     """Layer groups from the captured inputs and output gradients of Linear/Conv2d layers.
 
     ``inputs[i]``, ``output_grads[i]``: layer i's tensors, or lists of them, one per call of a
@@ -248,6 +284,7 @@ def capture_groups(modules: list, inputs: list, output_grads: list) -> list[Laye
     twice on a batch is a Linear on a sequence of length 2). Linear layers become ``LayerGroup``s
     of (abar, g), the calls concatenated along the locations; Conv2d layers ``ConvGroup``s
     (patches unfolded lazily). Layers are grouped by (kind, O, I, T), keeping first-appearance order.
+    ``shard``: the part of the Fisher batch the captured samples are (all of it by default).
     """
     inputs = [_calls(x) for x in inputs]
     output_grads = [_calls(go) for go in output_grads]
@@ -259,11 +296,11 @@ def capture_groups(modules: list, inputs: list, output_grads: list) -> list[Laye
     for (conv, *_), idx in keys.items():
         mods = [modules[i] for i in idx]
         if conv:
-            groups.append(ConvGroup(idx, mods, [inputs[i] for i in idx], [output_grads[i] for i in idx]))
+            groups.append(ConvGroup(idx, mods, [inputs[i] for i in idx], [output_grads[i] for i in idx], shard))
         else:
             a = _stack([_cat_locations([layer_inputs(m, x) for x in inputs[i]]) for m, i in zip(mods, idx)])
             g = _stack([_cat_locations([layer_output_grads(m, go) for go in output_grads[i]]) for m, i in zip(mods, idx)])
-            groups.append(LayerGroup(idx, a, g))
+            groups.append(LayerGroup(idx, a, g, shard))
     return groups
 
 
@@ -311,13 +348,13 @@ def fisher_product_and_projections(
     """scale * F_bullet u (A1, A3) and, on the way, the per-layer projections J_i^T u[i] (A5-A6),
     (L, k, B) per group: the coarse operator of a basis containing u needs them again (3.21).
     ``scale`` costs nothing: it multiplies the (k, B) vector J^T u / B, not a layered vector."""
-    batch = groups[0].batch
+    batch = groups[0].total
     projections = [project(grp, ug) for grp, ug in zip(groups, u)]
     v = sum(p.sum(0) for p in projections) * (scale / batch)
     if isinstance(scale, torch.Tensor):  # a device scalar: no host synchronisation
-        out = [combine(grp, v).addcmul_(ug, scale.to(ug.dtype), value=damping) for grp, ug in zip(groups, u)]
+        out = [grp.reduce(combine(grp, v)).addcmul_(ug, scale.to(ug.dtype), value=damping) for grp, ug in zip(groups, u)]
     else:
-        out = [combine(grp, v).add_(ug, alpha=damping * scale) for grp, ug in zip(groups, u)]
+        out = [grp.reduce(combine(grp, v)).add_(ug, alpha=damping * scale) for grp, ug in zip(groups, u)]
     return out, projections
 
 
@@ -370,11 +407,11 @@ def coarse_operator(
     projections (pass them, and the block Gram, if already computed); float64 since m is small
     and the operator may be ill-conditioned.
     """
-    batch = groups[0].batch
+    batch = groups[0].total
     p = per_sample_projections(groups, vectors) if projections is None else projections
     p = p.double()
     gram = block_gram(vectors) if gram is None else gram
-    return p.T @ p / batch + damping * gram.double()
+    return groups[0].reduce(p.T @ p) / batch + damping * gram.double()
 
 
 def per_sample_gradient_gram(groups: list[LayerGroup], max_elements: int = 2**26) -> torch.Tensor:
@@ -408,6 +445,6 @@ def layered_dot(u: list[torch.Tensor], w: list[torch.Tensor]) -> torch.Tensor:
 
 def fisher_norm_sq(groups: list[LayerGroup], u: list[torch.Tensor], damping: float) -> torch.Tensor:
     """||u||^2_{F_bullet} = (1/B) ||J^T u||^2 + lambda ||u||^2: (k,)."""
-    batch = groups[0].batch
+    batch = groups[0].total
     v = jt(groups, u)
-    return (v * v).sum(-1) / batch + damping * layered_dot(u, u)
+    return groups[0].reduce((v * v).sum(-1)) / batch + damping * layered_dot(u, u)

@@ -27,14 +27,22 @@ import torch
 DAMPING_MODES = ("pi", "factor", "exact", "unit_pi")
 
 
-def batch_factors(a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mini-batch estimates of A and G (eq. 2.27) from a (L, B, T, I) and g (L, B, T, O)."""
+def batch_factors(
+    a: torch.Tensor, g: torch.Tensor, total: int | None = None, reduce=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mini-batch estimates of A and G (eq. 2.27) from a (L, B, T, I) and g (L, B, T, O).
+
+    Data-parallel training: the B samples are one process's shard of a Fisher batch of ``total``
+    samples and ``reduce`` completes the sums over samples across processes (``FisherShard``)."""
     L, B, T, I = a.shape
     a2 = a.reshape(L, B * T, I)
     g2 = g.reshape(L, B * T, g.shape[-1])
-    A = torch.matmul(a2.transpose(1, 2), a2) / B
-    G = torch.matmul(g2.transpose(1, 2), g2) / (B * T)
-    return A, G
+    B = B if total is None else total
+    A = torch.matmul(a2.transpose(1, 2), a2)
+    G = torch.matmul(g2.transpose(1, 2), g2)
+    if reduce is not None:
+        A, G = reduce(A), reduce(G)
+    return A / B, G / (B * T)
 
 
 def pi_factor(A: torch.Tensor, G: torch.Tensor) -> torch.Tensor:

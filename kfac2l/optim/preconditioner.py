@@ -23,6 +23,7 @@ from kfac2l.curvature.basis import block_gram, prolong, restrict, restrict64
 from kfac2l.curvature.coarse import CORRECTIONS, kronecker_coarse_operator, nicolaides_sums, solve_coarse
 from kfac2l.curvature.exact import natural_gradient
 from kfac2l.curvature.fisher import (
+    FisherShard,
     LayerGroup,
     capture_groups,
     coarse_operator,
@@ -93,6 +94,11 @@ class CurvaturePreconditioner:
             their plain gradient, like every module that is not Linear/Conv2d.
         warn_skipped: warn once (``UnpreconditionedWarning``) listing the modules with parameters
             that keep their plain gradient (also in ``skipped_modules``).
+        reduce: data-parallel training (``kfac2l.distributed``): a callable that sums a tensor over
+            the processes, in place, and returns it; every sum over the Fisher batch (Kronecker
+            factors, Fisher-vector products, coarse operator and right-hand side) goes through it,
+            and ``update_curvature`` is then told the size of the whole Fisher batch. None (default):
+            one process, nothing communicated.
     """
 
     needs_factors = True
@@ -108,8 +114,12 @@ class CurvaturePreconditioner:
         exact_reference: bool = False,
         exclude=(),
         warn_skipped: bool = True,
+        reduce=None,
     ):
         _check_choice("kl_clip_form", kl_clip_form, KL_CLIP_FORMS)
+        if reduce is not None and exact_reference:
+            raise ValueError("exact_reference=true needs the whole Fisher batch on one process; "
+                             "valid: exact_reference=false with distributed training")
         if not damping > 0:
             raise ValueError(f"damping={damping!r} must be > 0")
         if kl_clip is not None and not kl_clip > 0:
@@ -135,6 +145,7 @@ class CurvaturePreconditioner:
         self.kl_clip_form = kl_clip_form
         self.track_diagnostics = bool(diagnostics or exact_reference)
         self.exact_reference = bool(exact_reference)
+        self.reduce = reduce
         self.steps = 0
         self.groups: list[LayerGroup] | None = None
         self.group_indices: list[list[int]] | None = None  # layer grouping, kept across steps
@@ -157,6 +168,7 @@ class CurvaturePreconditioner:
         likelihood: str = "categorical",
         targets: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        batch: int | None = None,
     ) -> None:
         """Capture abar_i and g_i on the batch that produced ``output`` (eqs. 2.25-2.27, A2).
 
@@ -164,15 +176,17 @@ class CurvaturePreconditioner:
         negative log-likelihood is differentiated with respect to each layer's output. On a step
         that needs no curvature (``needs_curvature()`` is False, e.g. KFAC between two factor
         refreshes) this does nothing, so calling it every step costs no extra backward pass.
+        With ``reduce`` (data-parallel training) ``output`` is this process's shard of the Fisher
+        batch and ``batch`` the size of the whole batch.
         """
         _check_choice("likelihood", likelihood, LIKELIHOODS)
         if self._batch_step != self.steps and not self.needs_curvature():
             self.capture.clear()
             return
         with self._autocast_off():
-            self._take_fisher_batch(output, likelihood, targets, generator)
+            self._take_fisher_batch(output, likelihood, targets, generator, batch)
 
-    def _take_fisher_batch(self, output, likelihood, targets, generator) -> None:
+    def _take_fisher_batch(self, output, likelihood, targets, generator, batch) -> None:
         outputs = self.capture.outputs
         missing = [name for (name, _), o in zip(self.layers, outputs) if o is None]
         if missing:
@@ -194,7 +208,7 @@ class CurvaturePreconditioner:
         flat = iter([go if go is not None else torch.zeros_like(out) for out, go in zip(calls, flat)])
         grads = [[next(flat) for _ in xs] for xs in inputs]  # each call's own output gradient
         inputs, grads = _in_parameter_dtype(self.modules, inputs), _in_parameter_dtype(self.modules, grads)
-        self.groups = capture_groups(self.modules, inputs, grads)
+        self.groups = capture_groups(self.modules, inputs, grads, self._shard(batch))
         self.group_indices = [list(g.indices) for g in self.groups]
         self.capture.clear()
         self._batch_step = self.steps
@@ -203,6 +217,15 @@ class CurvaturePreconditioner:
     def _autocast_off(self):
         """Full precision inside the preconditioner even when called under ``torch.autocast``."""
         return torch.autocast(self.modules[0].weight.device.type, enabled=False)
+
+    def _shard(self, batch: int | None):
+        """The part of the Fisher batch this process captured (all of it without ``reduce``)."""
+        if self.reduce is None:
+            return FisherShard(batch) if batch is not None else FisherShard()
+        if batch is None:
+            raise ValueError("a preconditioner with reduce= (distributed) needs batch= in update_curvature: "
+                             "the size of the whole Fisher batch over all processes")
+        return FisherShard(int(batch), self.reduce)
 
     def _on_fisher_batch(self) -> None:
         pass
@@ -394,7 +417,7 @@ class KFAC(CurvaturePreconditioner):
             self.factors = [FactorState(self.ema_decay) for _ in self.groups]
         count = self.steps + 1 if self.ema_count == "iterations" else None
         for state, grp in zip(self.factors, self.groups):
-            state.update(*batch_factors(grp.a, grp.g), count=count, locations=grp.locations)
+            state.update(*batch_factors(grp.a, grp.g, grp.total, self.reduce), count=count, locations=grp.locations)
         self._on_factor_update()
 
     def _ema_weight(self) -> float:
@@ -492,7 +515,7 @@ class Frame:
     def groups(self) -> list[LayerGroup]:
         if self._groups is None:
             self._groups = [
-                LayerGroup(g.indices, _rotate_rows(g.a, k.QA), _rotate_rows(g.g, k.QG)) if r else g
+                LayerGroup(g.indices, _rotate_rows(g.a, k.QA), _rotate_rows(g.g, k.QG), g.shard) if r else g
                 for g, k, r in zip(self._source(), self.kron, self.rotate)
             ]
         return self._groups
@@ -623,7 +646,7 @@ class TwoLevelKFAC(KFAC):
         for grp in groups:
             linear = type(grp) is LayerGroup and grp.locations == 1
             O, I = grp.shape
-            cheap = grp.batch * (O * O + I * I) < saved * O * I * (O + I)
+            cheap = grp.total * (O * O + I * I) < saved * O * I * (O + I)  # alike on every process
             rotate.append(linear and (self.eigenbasis == "always" or cheap))
         self._rotated = rotate
         return Frame(kron, rotate, lambda: groups)
@@ -645,7 +668,8 @@ class TwoLevelKFAC(KFAC):
                 # Assembled in float64: where KFAC is accurate on the coarse space the terms cancel,
                 # and their float32 rounding would be all that is left of R0 r.
                 v = sum(project(grp, z).sum(0).double() for grp, z in zip(groups, zeta_kfac))[0]
-                rhs = rhs - proj.double().T @ v / groups[0].batch - lam * restrict64(basis, zeta_kfac)
+                pv = groups[0].reduce(proj.double().T @ v)  # a sum over the Fisher batch
+                rhs = rhs - pv / groups[0].total - lam * restrict64(basis, zeta_kfac)
             return basis, op, rhs, None, None
         # residual spaces: rebuilt every step from r_KFAC = g - F_bullet zeta_KFAC
         residual = kfac_residual(groups, grads, zeta_kfac, lam)
@@ -697,9 +721,10 @@ class PreviousKFAC(TwoLevelKFAC):
         sums = [nicolaides_sums(grp.a, grp.g) for grp in self.groups]
         alpha = torch.cat([s[0] for s in sums])  # (m, B)
         gamma = torch.cat([s[1] for s in sums])
-        batch = alpha.shape[1]
-        cross_a = (alpha @ alpha.T / batch).double()
-        cross_g = (gamma @ gamma.T / batch).double()
+        first = self.groups[0]
+        batch = first.total
+        cross_a = (first.reduce(alpha @ alpha.T) / batch).double()
+        cross_g = (first.reduce(gamma @ gamma.T) / batch).double()
         if self._cross is None:
             self._cross = [cross_a, cross_g]
         else:
@@ -744,6 +769,12 @@ class PreviousKFAC(TwoLevelKFAC):
 class ExactNGD(CurvaturePreconditioner):
     """The exact regularised natural gradient zeta = F_bullet^{-1} grad (3.2) on the Fisher batch,
     through the Woodbury identity on the B x B Gram matrix of per-sample gradients."""
+
+    def __init__(self, model: nn.Module, reduce=None, **kwargs):
+        if reduce is not None:
+            raise ValueError("optimizer 'ngd' (Woodbury on the B x B Gram matrix) needs the whole Fisher batch on one "
+                             "process; valid: a KFAC-family optimiser with distributed training")
+        super().__init__(model, **kwargs)
 
     def _direction(self, grads):
         return natural_gradient(self._fresh_groups(), grads, self.damping)

@@ -97,9 +97,10 @@ class Optimizer:
         """Whether this step needs a Fisher batch (``update_curvature``) before ``step``."""
         return self.preconditioner is not None and self.preconditioner.needs_curvature()
 
-    def update_curvature(self, output, likelihood="categorical", targets=None, generator=None) -> None:
+    def update_curvature(self, output, likelihood="categorical", targets=None, generator=None, batch=None) -> None:
+        """The preconditioner's ``update_curvature`` (nothing for plain optimisers)."""
         if self.preconditioner is not None:
-            self.preconditioner.update_curvature(output, likelihood, targets, generator)
+            self.preconditioner.update_curvature(output, likelihood, targets, generator, batch)
 
     def zero_grad(self) -> None:
         self.base.zero_grad(set_to_none=True)
@@ -157,7 +158,7 @@ def _all_finite(base: torch.optim.Optimizer) -> bool:
     return bool(torch.stack([g.isfinite().all() for g in grads]).all()) if grads else True
 
 
-def make_optimizer(name: str, model: nn.Module, lr: float, **options) -> Optimizer:
+def make_optimizer(name: str, model: nn.Module, lr: float, reduce=None, **options) -> Optimizer:
     """Build the optimiser ``name`` (one of ``OPTIMIZERS``) for ``model``.
 
     Common options: weight_decay (1e-3), momentum (0.9) and nesterov (False), SGD-based only.
@@ -165,6 +166,8 @@ def make_optimizer(name: str, model: nn.Module, lr: float, **options) -> Optimiz
     and for the KFAC family damping_mode, ema_decay, ema_count, freeze_factors, cov_interval,
     inv_interval; two-level: correction, coarse_scale, taylor_order, krylov_start, coarse_options
     (those a name fixes cannot be overridden); all curvature optimisers: exclude, warn_skipped.
+    ``reduce``: data-parallel training (``kfac2l.distributed``), the preconditioner's sum over
+    processes (``CurvaturePreconditioner``); ignored by optimisers without curvature.
     """
     spec = _spec(name)
     allowed = valid_options(name) - {"lr"}
@@ -187,5 +190,5 @@ def make_optimizer(name: str, model: nn.Module, lr: float, **options) -> Optimiz
         return Optimizer(name, base, None)
     if "damping" not in options:
         raise ValueError(f"optimizer {name!r} needs a damping value (damping=...)")
-    pre = spec.preconditioner(model, lr=lr, **spec.fixed, **options)
+    pre = spec.preconditioner(model, lr=lr, **spec.fixed, **options, **({"reduce": reduce} if reduce else {}))
     return Optimizer(name, base, pre)

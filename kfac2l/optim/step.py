@@ -119,16 +119,11 @@ def training_step(
     the statistics of the training batch, as Tselepidis et al.'s train_toy.py:64-84).
     Returns the mini-batch loss as a 0-dim tensor (not synchronised)."""
     target = x if task.autoencoder else y
-    forward = _forward(model, x.device.type, autocast)
+    forward = autocast_forward(model, x.device.type, autocast)
     if optimizer.needs_curvature():
-        if resample:
-            size = max(1, int(round(fisher_fraction * x.shape[0])))
-            idx = torch.randint(0, x.shape[0], (size,), device=x.device, generator=generator)
-            fisher_x = x[idx]
-        else:
-            fisher_x = x
         with batchnorm_statistics_kept(model):
-            optimizer.update_curvature(forward(fisher_x), task.likelihood, generator=generator)
+            optimizer.update_curvature(forward(fisher_inputs(x, fisher_fraction, generator, resample)), task.likelihood,
+                                       generator=generator)
     optimizer.zero_grad()
     loss = task.loss(forward(x), target)
     scaler = optimizer.grad_scaler
@@ -137,7 +132,17 @@ def training_step(
     return loss.detach()
 
 
-def _forward(model: nn.Module, device_type: str, autocast: torch.dtype | None):
+def fisher_inputs(x: torch.Tensor, fisher_fraction: float, generator: torch.Generator | None,
+                  resample: bool = True) -> torch.Tensor:
+    """The inputs of the Fisher batch: ``fisher_fraction * B`` rows drawn with replacement from the
+    mini-batch x (by ``generator``), or x itself with ``resample=False``."""
+    if not resample:
+        return x
+    size = max(1, int(round(fisher_fraction * x.shape[0])))
+    return x[torch.randint(0, x.shape[0], (size,), device=x.device, generator=generator)]
+
+
+def autocast_forward(model: nn.Module, device_type: str, autocast: torch.dtype | None):
     """model(x), or model(x) under ``torch.autocast(device_type, autocast)`` returned in float32."""
     if autocast is None:
         return model

@@ -55,6 +55,12 @@ class RunRecorder:
         write_metrics(self.out_dir, progress.rows)
         write_diagnostics(self.out_dir, progress.diag_rows)
         write_kl_clip(self.out_dir, progress.kl_rows)
+        self.summarise(progress, status, error, reason)
+        write_summary(self.out_dir, self.summary)
+        return self.summary
+
+    def summarise(self, progress: Progress, status: str, error: str | None = None, reason: str | None = None) -> dict:
+        """Bring the summary up to date with ``progress`` (nothing written)."""
         self.summary.update({
             "status": status, "error": error, "divergence_reason": reason,
             "best_train_loss": progress.best if math.isfinite(progress.best) else None,
@@ -62,5 +68,4 @@ class RunRecorder:
             "final_train_loss": progress.rows[-1]["train_loss"] if progress.rows else None,
             "wall_time": progress.elapsed, "complete": status in ("completed", "diverged"),
         })
-        write_summary(self.out_dir, self.summary)
         return self.summary
