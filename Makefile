@@ -67,7 +67,8 @@ evidence: $(STAMP) fashion-mnist
 	$(BIN)/python scripts/reproduce.py --figure 7 --profile paper --launcher $(LAUNCHER)
 
 # The paired deep-linear-A evidence of docs/report.md (issue 15), in priority order; resumable: rerun to continue.
-# ARMS="selected matched" limits it; two runs at a time, one thread each, at nice 19.
+# ARMS="selected matched" limits it; two runs at a time, one thread each, at nice 19 (and autogroup nice 19:
+# under Linux's autogroup scheduling nice alone does not yield to work started from another session).
 ARMS ?=
 evidence-paired: $(STAMP) fashion-mnist
 	OMP_NUM_THREADS=1 nice -n 19 $(BIN)/python -m kfac2l.plan --run $(if $(ARMS),--only $(ARMS),)
