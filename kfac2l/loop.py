@@ -234,7 +234,7 @@ class Run:
         if p.start_loss is None:
             p.start_loss = losses[0].item()
         loss = torch.stack(losses).mean().item()  # one synchronisation per epoch
-        p.kl_rows = [[float(v) for v in r] for r in p.kl_rows]
+        p.read_kl_rows()
         return loss
 
     def _stopping(self, stop: StopRequest) -> bool:

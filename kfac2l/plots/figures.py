@@ -10,7 +10,7 @@
   Figure 7  ablation on deep linear A at the authors' selected settings: best training loss per
             optimiser under convention=paper, convention=authors and each authors' ingredient
             alone (identical init, frozen KFAC curvature, KL-clip form), with curves.
-Loss curves are the median over seeds with a min-max band; every optimiser has its own colour,
+Loss curves: one thin line per seed and the median over seeds while every seed runs; every optimiser has its own colour,
 line style and marker. Each figure is written as PNG with a CSV of exactly what it plots and a summary CSV (best training
 loss per optimiser per panel, epochs run). Titles state the profile and the data source.
 """
@@ -180,19 +180,6 @@ def draw_seeds(ax, curves: pd.DataFrame, bands: pd.DataFrame, optimizers, x: str
             ax.plot(sub[x].iloc[-1], sub["median"].iloc[-1], marker="x", color=COLORS[opt], ms=7, mew=1.5)
 
 
-def draw_bands(ax, bands: pd.DataFrame, optimizers, x: str = "epoch", label_suffix: str = "") -> None:
-    """Median line with a min-max band per optimiser, drawn only while every seed runs."""
-    for opt in optimizers:
-        sub = bands[(bands["optimizer"] == opt) & bands["all_running"]].sort_values(x)
-        if sub.empty:
-            continue
-        every = max(1, len(sub) // 8)
-        ax.plot(sub[x], sub["median"], label=LABELS[opt] + label_suffix, color=COLORS[opt], ls=LINESTYLES[opt],
-                marker=MARKERS[opt], markevery=every, markersize=4, lw=1.3)
-        if (sub["high"] > sub["low"]).any():
-            ax.fill_between(sub[x], sub["low"], sub["high"], color=COLORS[opt], alpha=0.15, lw=0)
-
-
 def zoom(ax, curves: pd.DataFrame, value: str = "train_loss", head: int = 5) -> None:
     """Linear y axis on the informative band: from just below the lowest loss to the highest loss
     after the first ``head`` epochs (earlier epochs leave the frame; the caption says so)."""
@@ -266,20 +253,19 @@ def plot_loss_figure(figure: int, panels: list[str], root: Path, out: Path, prof
             plotted.append(paired.assign(panel=name, kind="paired"))
         summaries.append(summary_table(root / profile / name).assign(panel=name))
     _title(fig, f"Figure {figure}: training loss per seed and paired differences to KFAC")
-    fig.text(0.01, 0.01, textwrap.fill(
+    _caption(fig, (
         f"Thin lines: one run (seed) each; bold: median over seeds, drawn only while every seed runs (x: the first "
         f"seed stops early); n = seeds. Linear axis zoomed: the first epochs lie above the frame. Right: best "
         f"training loss minus KFAC's on the same seed, dots per seed, bar the median, vertical line its bootstrap "
         f"95 % interval (n >= 9; not adjusted for multiplicity, the Holm-corrected tests are in docs/report.md). "
-        f"{_provenance(frames, profile)}{_budget_note(root.parent, profile, panels)}.",
-        170), fontsize=7, va="bottom")
+        f"{_provenance(frames, profile)}{_budget_note(root.parent, profile, panels)}."), 170)
     fig.tight_layout(rect=(0, 0.07, 1, 0.95))
     return _save(fig, out, figure, plotted, summaries)
 
 
-def _seed_text(seeds: pd.Series) -> str:
-    counts = sorted(set(int(n) for n in seeds))
-    return f"{'/'.join(map(str, counts))} seed{'s' if counts != [1] else ''}"
+def _caption(fig, text: str, width: int) -> None:
+    """The figure's caption (what is drawn, the statistic, the data source) under the panels."""
+    fig.text(0.01, 0.01, textwrap.fill(text, width), fontsize=7, va="bottom")
 
 
 def plot_ablation_figure(figure: int, panels: list[str], root: Path, out: Path, profile: str):
@@ -344,12 +330,11 @@ def plot_ablation_figure(figure: int, panels: list[str], root: Path, out: Path, 
     settings = ", ".join(f"{LABELS[o]} lr {AUTHORS_SETTINGS[o][0]:g}" + (
         f" damping {AUTHORS_SETTINGS[o][1]:g}" if AUTHORS_SETTINGS[o][1] else "") for o in ("kfac", "adam", "sgd"))
     _title(fig, "Figure 7 (ours): ablation on deep linear A at the authors' selected settings")
-    fig.text(0.01, 0.01, textwrap.fill(
+    _caption(fig, (
         f"Settings: {settings}; two-level as KFAC. Left: every run's best training loss, seed 1 filled (every "
         f"optimiser ran seed 1 in every arm: compare filled with filled), seeds 2-3 hollow. Right: median over seeds "
         f"with min-max band while every seed runs (x: the first stops), linear axis zoomed (first epochs above the "
-        f"frame). {_provenance(frames, profile)}.",
-        190), fontsize=7, va="bottom")
+        f"frame). {_provenance(frames, profile)}."), 190)
     fig.tight_layout(rect=(0, 0.08, 1, 0.92))
     return _save(fig, out, figure, plotted, [table])
 

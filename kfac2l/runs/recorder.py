@@ -34,10 +34,19 @@ class Progress:
     def state(self) -> dict:
         """A plain dict (tensors, numbers, lists) for the checkpoint; diagnostics become floats."""
         self.diag_rows = [{k: (float(v) if torch.is_tensor(v) else v) for k, v in r.items()} for r in self.diag_rows]
-        self.kl_rows = [[float(v) for v in r] for r in self.kl_rows]
+        self.read_kl_rows()
         out = dict(self.__dict__)
         out["epoch_losses"] = [float(v) for v in self.epoch_losses]
         return out
+
+    def read_kl_rows(self) -> None:
+        """The KL-clip rows still held as device tensors (this epoch's) as floats: one transfer."""
+        start = next((k for k, r in enumerate(self.kl_rows) if torch.is_tensor(r[1])), len(self.kl_rows))
+        if start == len(self.kl_rows):
+            return
+        fresh = self.kl_rows[start:]
+        values = torch.stack([torch.stack([nu, product]) for _, nu, product in fresh]).tolist()
+        self.kl_rows[start:] = [[float(r[0]), *v] for r, v in zip(fresh, values)]
 
     def load(self, state: dict) -> None:
         for key, value in state.items():
