@@ -44,6 +44,8 @@ def _storage_from_bytes(data: bytes):
 _ALLOWED = {
     ("numpy.core.multiarray", "_reconstruct"): np._core.multiarray._reconstruct,
     ("numpy.core.multiarray", "scalar"): np._core.multiarray.scalar,
+    ("numpy._core.multiarray", "_reconstruct"): np._core.multiarray._reconstruct,  # NumPy 2 pickles
+    ("numpy._core.multiarray", "scalar"): np._core.multiarray.scalar,
     ("numpy", "ndarray"): np.ndarray,
     ("numpy", "dtype"): np.dtype,
     ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
