@@ -252,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="also step this optimiser in every worker and print ratios to it, paired like "
                              "those to SGD and KFAC (e.g. --versus residu)")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--out", default=None, metavar="PATH",
+                        help="also write the rows as JSON with the command, git commit and machine (a result file)")
     parser.add_argument("--worker", nargs=2, metavar=("PROBLEM", "OPTIMIZER"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     import importlib
@@ -283,11 +285,21 @@ def main(argv: list[str] | None = None) -> int:
             runs[opt].append(_spawn(problem, opt, args))
         rows.extend(summarise(runs[opt]) for opt in optimizers)
     rows = ratios(rows)
+    if args.out:
+        write_record(args.out, rows, argv if argv is not None else sys.argv[1:])
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
         print_table(rows)
     return 0
+
+
+def write_record(path: str, rows: list[dict], argv: list[str]) -> None:
+    """The benchmark rows as a result file: with the command, the code's commit and the machine."""
+    from kfac2l.io import atomic_write_json, git_commit, machine
+
+    atomic_write_json(path, {"command": " ".join(["python -m kfac2l.bench", *argv]), "git_commit": git_commit(),
+                             "machine": machine(), "rows": rows})
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from kfac2l.runs import iter_runs
 
 MARKER = re.compile(r"(<!-- table:(?P<name>[^ ]+) -->\n)(?P<body>.*?)(<!-- /table -->)", re.S)
 VALUE = re.compile(r"(<!-- value:(?P<key>[^ ]+) -->)(?P<body>[^<]*)(<!-- /value -->)")
-DOCUMENTS = ("README.md", "docs/report.md", "docs/experiments.md")
+DOCUMENTS = ("README.md", "docs/report.md", "docs/experiments.md", "docs/benchmarks.md")
 
 
 def _g(x) -> str:
@@ -122,10 +122,12 @@ def render(name: str, results: Path) -> str:
         return evidence.ablation_seed_table(results, rest, ABLATION)
     if kind == "claims":
         return evidence.claims_table(results, rest)
+    if kind == "bench":
+        return evidence.bench_table(results, rest)
     if kind in PANEL_TABLES:
         profile, _, panel = rest.partition(":")
         return PANEL_TABLES[kind](results, profile, panel)
-    raise ValueError(f"unknown table {name!r}; valid: final:<profile>:<panel>, ablation:<profile>, "
+    raise ValueError(f"unknown table {name!r}; valid: final:<profile>:<panel>, ablation:<profile>, bench:<panel>, "
                      f"ablation-seed:<profile>, claims:<profile>, {', '.join(PANEL_TABLES)}:<profile>:<panel>")
 
 

@@ -148,3 +148,17 @@ def test_every_planned_run_composes_and_validates():
             names.add(cfg.experiment.name)
     assert {"deep_linear_a", "deep_linear_a_matched", "deep_linear_a_noclip", "deep_linear_a_select11", "tko_toy",
             "tko_toy_depth126"} <= names
+
+
+def test_c5_reads_the_committed_benchmark_record(tmp_path):
+    from kfac2l import evidence
+    from kfac2l.bench import write_record
+
+    rows = [{"optimizer": o, "paper": {"amortised_vs_kfac": r, "steps": 20}}
+            for o, r in (("sgd", 0.8), ("kfac", 1.0), ("nico", 1.625), ("previous", 1.125))]
+    assert evidence.c5_status(tmp_path) == ("not testable here", "no benchmark record")
+    write_record(str(tmp_path / "bench" / "deep_linear_a_cpu.json"), rows, ["--problems", "deep_linear_a"])
+    status, text = evidence.c5_status(tmp_path)
+    assert status == "descriptive only"
+    assert "NICO 1.62" in text and "PREVIOUS 1.12" in text and "medians of 20 timed steps" in text
+    assert "SGD" not in text.split(":", 1)[1]  # only the two-level methods are compared with KFAC
