@@ -104,10 +104,29 @@ def optimizer_options(cfg: DictConfig) -> tuple[float, dict]:
         if cfg.diagnostics or cfg.exact_reference:
             opts["diagnostics"] = True
             opts["exact_reference"] = bool(cfg.exact_reference)
+        reference = reference_batch(cfg)
+        if reference is not None:  # only when set: older identities stay valid
+            opts["reference_fisher_batch"] = reference
     elif cfg.diagnostics or cfg.exact_reference:
         raise ConfigError(f"diagnostics do not apply to optimizer {name!r}; valid: diagnostics=false")
     opts.setdefault("weight_decay", 1e-3)
     return float(lr), opts
+
+
+def reference_batch(cfg: DictConfig) -> int | None:
+    """``reference_fisher_batch``: the samples of the exact reference's own Fisher batch, drawn
+    apart from the optimiser's (which it leaves unchanged), or None (the reference uses the
+    optimiser's Fisher batch). ConfigError unless an integer >= 1 with exact_reference=true."""
+    size = cfg.get("reference_fisher_batch")
+    if size is None:
+        return None
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ConfigError(f"reference_fisher_batch={size!r}; valid: an integer >= 1 (samples of the exact reference's "
+                          "own Fisher batch) or null (the optimiser's Fisher batch)")
+    if not cfg.exact_reference:
+        raise ConfigError(f"reference_fisher_batch={size} sizes the exact reference's own Fisher batch but "
+                          "exact_reference=false; valid: exact_reference=true, or reference_fisher_batch=null")
+    return size
 
 
 def max_epochs(cfg: DictConfig) -> int:
@@ -201,8 +220,8 @@ def validate(cfg: DictConfig) -> tuple[float, dict]:
     """Check every value before any data are loaded or directory is written; ConfigError names the
     bad value and the valid choices or range. Returns (lr, optimiser options)."""
     known = {"model", "dataset", "optimizer", "profile", "search", "launcher", "logger", "paths", "experiment",
-             "convention", "seed", "device", "diagnostics", "exact_reference", "use_best", "progress",
-             "checkpoint", "divergence", "distributed", "precision"}
+             "convention", "seed", "device", "diagnostics", "exact_reference", "reference_fisher_batch", "use_best",
+             "progress", "checkpoint", "divergence", "distributed", "precision"}
     extra = sorted(set(cfg.keys()) - known)
     if extra:
         raise ConfigError(f"unknown top-level key(s) {extra}; valid: {', '.join(sorted(known))}")
@@ -246,6 +265,7 @@ def validate(cfg: DictConfig) -> tuple[float, dict]:
     except ValueError as err:
         raise ConfigError(str(err)) from None
     distributed_options(cfg)
+    reference_batch(cfg)
     _check_writable_root(Path(str(cfg.dataset.root)), "dataset.root")
     lr, opts = optimizer_options(cfg)
     try:  # the optimiser's own checks (option names, values), on a throw-away model

@@ -136,6 +136,17 @@ def layer_data(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, likelih
     return data
 
 
+def pseudo_per_sample_jacobian(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, likelihood: str) -> torch.Tensor:
+    """J^T (B, p) with row b = sum_t g_{b,t} abar_{b,t}^T per layer (eqs. 2.4, 2.7), g the derivative
+    of the *batch's* summed negative log-likelihood with respect to sample b's layer output, by
+    explicit outer products of ``layer_data``. Without sample coupling it is ``per_sample_jacobian``;
+    with BatchNorm in training mode it is the pseudo per-sample gradient of the batch-coupled forward
+    pass, whose Gram matrix gives the pseudo-Fisher the library forms."""
+    rows = [torch.einsum("bto,bti->boi", g, a).reshape(a.shape[0], -1)
+            for a, g in layer_data(model, x, targets, likelihood)]
+    return torch.cat(rows, dim=1)
+
+
 def explicit_factors(a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A = (1/B) sum_b sum_t abar abar^T, G = (1/(B T)) sum_b sum_t g g^T by explicit sums (2.27)."""
     B, T = a.shape[:2]

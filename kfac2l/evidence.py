@@ -4,7 +4,8 @@ documents and the files disagree).
 
 Tables (``<!-- table:KIND:PROFILE:PANEL -->``): ``paired`` (the primary family, ``kfac2l.analysis``),
 ``secondary`` (descriptive endpoints), ``clip`` (the KL-clip regime), ``distance`` (the exact-NG
-diagnostics of the paper's Figures 5-6), ``cost`` (seconds per iteration), ``ablation-seed`` (Figure
+diagnostics of the paper's Figures 5-6), ``refbatch`` (``<!-- table:refbatch:PROFILE -->``: the exact
+reference on Fisher batches of its own), ``cost`` (seconds per iteration), ``ablation-seed`` (Figure
 7 seed against seed) and ``claims`` (the claims table, statuses decided by declared rules).
 Inline numbers (``<!-- value:KEY -->...<!-- /value -->``), KEY one of
 ``endpoint:PROFILE:PANEL:OPTIMIZER:ENDPOINT:STAT`` (STAT median, min, max, n) or
@@ -22,6 +23,7 @@ import pandas as pd
 
 from kfac2l.analysis import CHECKPOINT_EPOCHS, FAMILY_SIZE, MIN_PAIRS, SMALLEST_EFFECT, THRESHOLD, family, load_endpoints
 from kfac2l.names import LABELS, ORDER, TWO_LEVEL
+from kfac2l.plan import EXACTREF_PANEL, REFBATCH_EPOCHS, REFBATCH_OPTIMIZERS, REFBATCH_PANEL, REFBATCH_SIZES
 from kfac2l.runs import iter_runs
 
 
@@ -140,9 +142,37 @@ def clip_table(results: Path, profile: str, panel: str) -> str:
         "listed recorded nu (older runs: the seed with diagnostics).\n")
 
 
+def _median(diag: pd.DataFrame, column: str, digits: int = 3) -> str:
+    return _g(diag[column].median(), digits) if column in diag else "-"
+
+
+def _share(condition: pd.Series) -> str:
+    return f"{100 * condition.mean():.0f} %"
+
+
+def _distance_cells(diag: pd.DataFrame) -> dict[str, str]:
+    """A run's exact-reference diagnostics as table cells: medians over its iterations (two-level
+    columns '-' for KFAC, rank columns '-' for runs recorded before the rank was)."""
+    two = "dist_two_level" in diag
+    return {"reference rank": _median(diag, "reference_rank"),
+            "KFAC rel. distance": _median(diag, "rel_dist_kfac"),
+            "two-level rel. distance": _median(diag, "rel_dist_two_level"),
+            "ratio two-level / KFAC": _g((diag["dist_two_level"] / diag["dist_kfac"]).median(), 4) if two else "-",
+            "ratio < 1": _share(diag["dist_two_level"] < diag["dist_kfac"]) if two else "-",
+            "cos KFAC": _median(diag, "cos_kfac", 2), "cos two-level": _median(diag, "cos_two_level", 2),
+            "gap (4.6) < 0": _share(diag["gap"] < 0) if "gap" in diag else "-"}
+
+
+DISTANCE_NOTE = ("Medians over the iterations of one run. Relative distance: ||zeta_x - zeta||^2_F / ||zeta||^2_F "
+                 "with zeta the exact regularised natural-gradient step on the Fisher batch (the zero step has 1). "
+                 "cos: Euclidean cosine with zeta. Reference rank: the numerical rank of the Fisher batch's "
+                 "per-sample gradients, at most its size ('-': run recorded before the rank was).")
+
+
 def distance_table(results: Path, profile: str, panel: str) -> str:
     """The exact-reference diagnostics (analogue of the paper's Figures 5-6): per two-level run,
-    medians over iterations of the relative squared F-distances and cosines to the exact step."""
+    medians over iterations of the relative squared F-distances and cosines to the exact step,
+    and the rank of the reference's Fisher batch."""
     rows = []
     for record in iter_runs(Path(results) / "final" / profile / panel):
         diag = record.read_csv("diagnostics.csv")
@@ -150,21 +180,57 @@ def distance_table(results: Path, profile: str, panel: str) -> str:
             continue
         s = record.summary
         rows.append({"optimizer": LABELS[s["optimizer"]], "seed": s["seed"], "damping": _g(s["damping"]),
-                     "iterations": len(diag),
-                     "KFAC rel. distance": _g(diag["rel_dist_kfac"].median()),
-                     "two-level rel. distance": _g(diag["rel_dist_two_level"].median()),
-                     "ratio two-level / KFAC": _g((diag["dist_two_level"] / diag["dist_kfac"]).median(), 4),
-                     "ratio < 1": f"{100 * (diag['dist_two_level'] < diag['dist_kfac']).mean():.0f} %",
-                     "cos KFAC": _g(diag["cos_kfac"].median(), 2), "cos two-level": _g(diag["cos_two_level"].median(), 2),
-                     "gap (4.6) < 0": f"{100 * (diag['gap'] < 0).mean():.0f} %" if "gap" in diag else "-",
-                     "_o": ORDER.index(s["optimizer"])})
+                     "iterations": len(diag), **_distance_cells(diag), "_o": ORDER.index(s["optimizer"])})
     if not rows:
         return "_no exact-reference diagnostics_\n"
     frame = pd.DataFrame(rows).sort_values(["_o", "seed"]).drop(columns="_o")
-    return frame.to_markdown(index=False, disable_numparse=True) + (
-        "\n\nMedians over the iterations of one run. Relative distance: ||zeta_x - zeta||^2_F / ||zeta||^2_F "
-        "with zeta the exact regularised natural-gradient step on the Fisher batch (the zero step has 1). "
-        "cos: Euclidean cosine with zeta.\n")
+    return frame.to_markdown(index=False, disable_numparse=True) + "\n\n" + DISTANCE_NOTE + "\n"
+
+
+def _first_epochs(record, diag: pd.DataFrame, epochs: int) -> pd.DataFrame:
+    """The diagnostics rows of a run's first ``epochs`` epochs (iterations are counted from 1)."""
+    metrics = record.read_csv("metrics.csv")
+    reached = metrics[metrics["epoch"] == epochs] if metrics is not None else pd.DataFrame()
+    if reached.empty:  # stopped (or still running) before: all its rows
+        return diag
+    return diag[diag["iteration"] <= int(reached["iterations"].iloc[0])]
+
+
+def _fisher_samples(summary: dict) -> str:
+    """The size of a run's own Fisher batch, from its identity ('?' where not recorded)."""
+    fraction = ((summary.get("identity") or {}).get("profile") or {}).get("fisher_fraction")
+    return "?" if fraction is None else str(max(1, round(fraction * summary["batch_size"])))
+
+
+def refbatch_table(results: Path, profile: str) -> str:
+    """Issue 15 item 7: the sensitivity of the exact reference to its own Fisher batch. Per method
+    and reference batch (the arm ``refbatch`` of ``kfac2l.plan``: 32, 128, 512 samples drawn apart
+    from the optimiser's), medians over the first epochs of seed 1; beside them the optimiser's own
+    batch (seed 1 of the ``exactref`` arm over the same epochs: the same trajectory)."""
+    root = Path(results) / "final" / profile
+    sources = [(EXACTREF_PANEL, None)] + [(REFBATCH_PANEL.format(n), n) for n in REFBATCH_SIZES]
+    rows = []
+    for panel, size in sources:
+        for record in iter_runs(root / panel):
+            s = record.summary
+            diag = record.read_csv("diagnostics.csv")
+            if s.get("seed") != 1 or s["optimizer"] not in REFBATCH_OPTIMIZERS or diag is None or "dist_kfac" not in diag:
+                continue
+            diag = _first_epochs(record, diag, REFBATCH_EPOCHS)
+            label = f"{size} (own draw)" if size is not None else f"optimiser's own ({_fisher_samples(s)})"
+            rows.append({"optimizer": LABELS[s["optimizer"]], "reference batch": label, "iterations": len(diag),
+                         **_distance_cells(diag),
+                         "rank above damping": _median(diag, "reference_rank_above_damping"),
+                         "_o": (ORDER.index(s["optimizer"]), size or 0)})
+    if not rows:
+        return "_no runs yet (`python -m kfac2l.plan --run --only refbatch`)_\n"
+    frame = pd.DataFrame(rows).sort_values("_o").drop(columns="_o")
+    return frame.to_markdown(index=False, disable_numparse=True) + "\n\n" + DISTANCE_NOTE + (
+        f" Seed 1, lr {1e-2:g}, damping {1e-3:g}, epochs 1-{REFBATCH_EPOCHS}: every row of a method follows the same "
+        "trajectory; only the batch the exact step zeta = (F_ref + lambda I)^-1 g and its metric come from differs. "
+        "Rank above damping: eigenvalues of F_ref above lambda. The gap (4.6) is always on the optimiser's own "
+        "Fisher batch, so it is the same in all of a method's rows, while 'ratio < 1' is measured on the reference "
+        "batch.\n")
 
 
 def cost_table(results: Path, profile: str, panel: str) -> str:

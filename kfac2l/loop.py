@@ -98,6 +98,12 @@ def fisher_seed(seed: int, iteration: int) -> int:
     return (int(seed) * 1_000_003 + int(iteration) * 7919 + 12345) % (2**63 - 1)
 
 
+def reference_seed(seed: int, iteration: int) -> int:
+    """Seed of the generator of the exact reference's own Fisher batch (``reference_fisher_batch``)
+    at ``iteration``: a function of (seed, iteration) only, apart from the Fisher batch's."""
+    return (fisher_seed(seed, iteration) + 0x9E3779B97F4A7C15) % (2**63 - 1)
+
+
 class StopRequest:
     """SIGTERM / SIGUSR2 (SLURM time limit, preemption, scancel): finish the current iteration,
     checkpoint, mark the run interrupted, then hand the signal to the previous handler (submitit
@@ -158,6 +164,8 @@ class Run:
         pre = self.optimizer.preconditioner
         self.data_gen = torch.Generator().manual_seed(cfg.seed)
         self.fisher_gen = torch.Generator(device=self.device)
+        # the reference batch's own draws: the Fisher batch and the trajectory do not depend on them
+        self.reference_gen = torch.Generator(device=self.device) if self.opts.get("reference_fisher_batch") else None
         self.progress = Progress()
         data, opts = self.data, self.opts
         self.recorder = (RunRecorder if self.leader else _Follower)(out_dir, {
@@ -219,9 +227,12 @@ class Run:
             if k < p.batch:
                 continue
             self.fisher_gen.manual_seed(fisher_seed(cfg.seed, p.iterations))
+            if self.reference_gen is not None:
+                self.reference_gen.manual_seed(reference_seed(cfg.seed, p.iterations))
             if self.parallel is None:
                 losses.append(training_step(self.model, self.optimizer, self.task, x, y, cfg.profile.fisher_fraction,
-                                            self.fisher_gen, autocast=self.autocast, resample=self.resample))
+                                            self.fisher_gen, autocast=self.autocast, resample=self.resample,
+                                            reference_generator=self.reference_gen))
             else:  # this process's shards; the returned loss is the whole mini-batch's
                 losses.append(self.parallel.training_step(self.optimizer, self.task, x, y, cfg.profile.fisher_fraction,
                                                           self.fisher_gen, autocast=self.autocast,

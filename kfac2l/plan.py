@@ -16,6 +16,9 @@ with one thread per run (the joblib launcher runs two at a time). Arms:
   select11   the three best grid cells of each optimiser on grid seed 11, 30 epochs, and KRY-NICO's
              damping beyond the grid's edge (1, 10)
   exactref   the matched arm with the exact reference, seeds 1-3, first 20 epochs
+  refbatch   KFAC, NICO, KRY-NICO at the matched settings, seed 1, 10 epochs, the exact reference on a
+             Fisher batch of its own of 32, 128 or 512 samples (the optimiser's, and its trajectory,
+             unchanged: seed 1 of exactref is the same trajectory with the optimiser's own batch)
   tko        issue 17: Tselepidis et al.'s toy problem under convention=tko (KFAC, PREVIOUS, NICO,
              SGD seeds 1-10; the other two-level methods and ADAM seeds 1-3)
   tko_depth  issue 17: KFAC, PREVIOUS, NICO at depths 14, 30, 62, 126, seeds 1-5, 20 epochs
@@ -39,6 +42,11 @@ from kfac2l.names import NO_CURVATURE, PAPER_OPTIMIZERS, TWO_LEVEL
 SEEDS = list(range(1, 11))
 CURVATURE = [o for o in PAPER_OPTIMIZERS if o not in NO_CURVATURE]
 MATCHED = {"lr": 1e-2, "damping": 1e-3}
+EXACTREF_PANEL = "deep_linear_a_matched_exactref"
+REFBATCH_PANEL = "deep_linear_a_refbatch{}"   # .format(samples of the reference's own Fisher batch)
+REFBATCH_SIZES = (32, 128, 512)
+REFBATCH_OPTIMIZERS = ("kfac", "nico", "kry-nico")
+REFBATCH_EPOCHS = 10
 
 
 def _base(results: Path, launcher: str, name: str) -> list[str]:
@@ -68,11 +76,16 @@ def arms(results: Path, launcher: str) -> dict[str, list[list[str]]]:
         "clipgrid": [[*_base(results, launcher, f"deep_linear_a_clip_lr2_kappa{k}"), "seed=1", "optimizer=kfac",
                       "optimizer.lr=0.01", "optimizer.damping=0.001", "+optimizer.options.kl_clip_form=lr_squared",
                       f"experiment.kl_clip={k}"] for k in ("1e-3", "1e-4", "1e-5", "1e-6")],
-        "exactref": [[*_base(results, launcher, "deep_linear_a_matched_exactref"), "seed=1,2,3",
+        "exactref": [[*_base(results, launcher, EXACTREF_PANEL), "seed=1,2,3",
                       f"optimizer={_csv(['kfac', *TWO_LEVEL])}", f"optimizer.lr={MATCHED['lr']}",
                       f"optimizer.damping={MATCHED['damping']}", "profile.max_epochs=20", "diagnostics=true",
                       "exact_reference=true"]],
     }
+    out["refbatch"] = [[*_base(results, launcher, REFBATCH_PANEL.format(n)), "seed=1",
+                        f"optimizer={_csv(REFBATCH_OPTIMIZERS)}", f"optimizer.lr={MATCHED['lr']}",
+                        f"optimizer.damping={MATCHED['damping']}", f"profile.max_epochs={REFBATCH_EPOCHS}",
+                        "diagnostics=true", "exact_reference=true", f"reference_fisher_batch={n}"]
+                       for n in REFBATCH_SIZES]
     out["select11"] = _select11(results, launcher)
     out.update(tko_arms(results, launcher))
     return out

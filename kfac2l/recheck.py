@@ -64,7 +64,7 @@ def rerun_config(record: RunRecord, epochs: int, out_root: Path, data_root: str 
     s = record.summary
     overrides = {"use_best": False, "optimizer.lr": s["lr"], "optimizer.damping": s.get("damping"),
                  "profile.max_epochs": epochs, "profile.patience": epochs + 1, "diagnostics": False,
-                 "exact_reference": False, "paths.runs": str(out_root), "progress": False,
+                 "exact_reference": False, "reference_fisher_batch": None, "paths.runs": str(out_root), "progress": False,
                  "logger.wandb": False, "checkpoint.every": 0}
     if data_root is not None:
         overrides["dataset.root"] = data_root

@@ -8,7 +8,7 @@ A table lives between ``<!-- table:NAME -->`` and ``<!-- /table -->``; NAME is
 ``final:<profile>:<panel>`` (best training loss per optimiser over seeds, with the selected
 settings and, where recorded, the distance ratio of Figure 6 and the sign of the gap (4.6)),
 ``ablation:<profile>`` (Figure 7's arms), or one of ``kfac2l.evidence``'s tables (``paired``,
-``secondary``, ``clip``, ``distance``, ``cost``, ``ablation-seed``, ``claims``). An inline number
+``secondary``, ``clip``, ``distance``, ``cost``, ``ablation-seed``, ``claims``, ``refbatch``). An inline number
 lives between ``<!-- value:KEY -->`` and ``<!-- /value -->`` (keys: ``kfac2l.evidence.value``).
 Everything is read through ``kfac2l.runs``.
 """
@@ -124,11 +124,14 @@ def render(name: str, results: Path) -> str:
         return evidence.claims_table(results, rest)
     if kind == "bench":
         return evidence.bench_table(results, rest)
+    if kind == "refbatch":
+        return evidence.refbatch_table(results, rest)
     if kind in PANEL_TABLES:
         profile, _, panel = rest.partition(":")
         return PANEL_TABLES[kind](results, profile, panel)
     raise ValueError(f"unknown table {name!r}; valid: final:<profile>:<panel>, ablation:<profile>, bench:<panel>, "
-                     f"ablation-seed:<profile>, claims:<profile>, {', '.join(PANEL_TABLES)}:<profile>:<panel>")
+                     f"ablation-seed:<profile>, claims:<profile>, refbatch:<profile>, "
+                     f"{', '.join(PANEL_TABLES)}:<profile>:<panel>")
 
 
 def update(text: str, results: Path) -> str:

@@ -11,7 +11,9 @@ into its own directory (``kfac2l.runs``):
   config.yaml      the resolved configuration
   checkpoint.pt    the last checkpoint (every ``checkpoint.every`` epochs and on SIGTERM/SIGUSR2)
   diagnostics.csv  (diagnostics=true) per iteration: gap (4.6), and with exact_reference=true the
-                   true F_bullet-distances of the KFAC and two-level steps to the exact NG step
+                   true F_bullet-distances of the KFAC and two-level steps to the exact NG step and
+                   the rank of its Fisher batch (reference_fisher_batch=N: a batch of N samples of
+                   its own; docs/library.md)
   kl_clip.csv.gz   (optimisers with a KL clip) per iteration: the clip factor nu and the product
                    it reads
 

@@ -138,7 +138,8 @@ def test_every_planned_run_composes_and_validates():
     from kfac2l.train import validate
 
     plan = arms(REPO / "results", "local")
-    assert set(plan) == {"selected", "matched", "noclip", "clipgrid", "select11", "exactref", "tko", "tko_depth"}
+    assert set(plan) == {"selected", "matched", "noclip", "clipgrid", "select11", "exactref", "refbatch", "tko",
+                         "tko_depth"}
     names = set()
     for calls in plan.values():
         for overrides in calls:
@@ -147,7 +148,7 @@ def test_every_planned_run_composes_and_validates():
             validate(cfg)
             names.add(cfg.experiment.name)
     assert {"deep_linear_a", "deep_linear_a_matched", "deep_linear_a_noclip", "deep_linear_a_select11", "tko_toy",
-            "tko_toy_depth126"} <= names
+            "tko_toy_depth126", "deep_linear_a_refbatch32", "deep_linear_a_refbatch512"} <= names
 
 
 def test_c5_reads_the_committed_benchmark_record(tmp_path):

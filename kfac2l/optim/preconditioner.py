@@ -13,6 +13,7 @@ Other parameters (BatchNorm, ...) keep their plain gradient.
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from collections import Counter
 
@@ -21,7 +22,12 @@ from torch import nn
 
 from kfac2l.curvature.basis import block_gram, prolong, restrict, restrict64
 from kfac2l.curvature.coarse import CORRECTIONS, kronecker_coarse_operator, nicolaides_sums, solve_coarse
-from kfac2l.curvature.exact import natural_gradient
+from kfac2l.curvature.exact import (
+    gram_spectrum,
+    natural_gradient,
+    numerical_rank,
+    rank_above_damping,
+)
 from kfac2l.curvature.fisher import (
     FisherShard,
     LayerGroup,
@@ -90,6 +96,11 @@ class CurvaturePreconditioner:
         diagnostics: record the last step's diagnostics (see ``diagnostics``).
         exact_reference: with diagnostics, also compute the exact natural gradient on the Fisher
             batch and the true F_bullet-distances to it.
+        reference_fisher_batch: with ``exact_reference``, the number of samples of a Fisher batch
+            of the reference's own, given every step to ``update_reference`` (``training_step``
+            draws it): the exact step, its metric (the distances, cosines and rank) come from that
+            batch; the optimiser's step, and the gap (4.6), from the optimiser's Fisher batch as
+            before. None (default): the reference uses the optimiser's Fisher batch.
         exclude: layers left out (module names as fnmatch patterns, or module types); they keep
             their plain gradient, like every module that is not Linear/Conv2d.
         warn_skipped: warn once (``UnpreconditionedWarning``) listing the modules with parameters
@@ -112,6 +123,7 @@ class CurvaturePreconditioner:
         kl_clip_form: str = "unscaled",
         diagnostics: bool = False,
         exact_reference: bool = False,
+        reference_fisher_batch: int | None = None,
         exclude=(),
         warn_skipped: bool = True,
         reduce=None,
@@ -120,6 +132,7 @@ class CurvaturePreconditioner:
         if reduce is not None and exact_reference:
             raise ValueError("exact_reference=true needs the whole Fisher batch on one process; "
                              "valid: exact_reference=false with distributed training")
+        _check_reference_batch(reference_fisher_batch, exact_reference)
         if not damping > 0:
             raise ValueError(f"damping={damping!r} must be > 0")
         if kl_clip is not None and not kl_clip > 0:
@@ -138,13 +151,16 @@ class CurvaturePreconditioner:
                           f"({', '.join(f'{k} x{n}' for k, n in counts.items())}); see .skipped_modules",
                           UnpreconditionedWarning, stacklevel=3)
         self.modules = [m for _, m in self.layers]
-        self.capture = ForwardCapture(self.modules, armed=self._wants_fisher_batch, root=model)
+        self.capture = ForwardCapture(self.modules, armed=self._capturing, root=model)
         self.damping = float(damping)
         self.lr = float(lr)
         self.kl_clip = kl_clip
         self.kl_clip_form = kl_clip_form
         self.track_diagnostics = bool(diagnostics or exact_reference)
         self.exact_reference = bool(exact_reference)
+        self.reference_fisher_batch = None if reference_fisher_batch is None else int(reference_fisher_batch)
+        self._reference_groups: list[LayerGroup] | None = None
+        self._reference_step = -1
         self.reduce = reduce
         self.steps = 0
         self.groups: list[LayerGroup] | None = None
@@ -161,6 +177,11 @@ class CurvaturePreconditioner:
     def _wants_fisher_batch(self) -> bool:
         """Capture forward passes only while this step still needs its Fisher batch."""
         return self._batch_step != self.steps and self.needs_curvature()
+
+    def _capturing(self) -> bool:
+        """Capture while this step still needs its Fisher batch or its reference batch."""
+        wants_reference = self.reference_fisher_batch is not None and self._reference_step != self.steps
+        return wants_reference or self._wants_fisher_batch()
 
     def update_curvature(
         self,
@@ -187,13 +208,45 @@ class CurvaturePreconditioner:
             self._take_fisher_batch(output, likelihood, targets, generator, batch)
 
     def _take_fisher_batch(self, output, likelihood, targets, generator, batch) -> None:
+        again = " (this step's Fisher batch was already taken)" if self._batch_step == self.steps else ""
+        self.groups = self._captured_groups(output, likelihood, targets, generator, self._shard(batch),
+                                            "update_curvature", again)
+        self.group_indices = [list(g.indices) for g in self.groups]
+        self._batch_step = self.steps
+        self._uncommitted = True  # folded into the curvature state by step(), not by skip()
+
+    def update_reference(
+        self,
+        output: torch.Tensor,
+        likelihood: str = "categorical",
+        targets: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        """This step's reference batch (``reference_fisher_batch``): abar_i and g_i captured on the
+        batch that produced ``output``, targets sampled from the model unless given, as in
+        ``update_curvature``. ``step()`` computes the exact reference, the distances and cosines to
+        it and its rank on this batch; it changes nothing else (the step uses the Fisher batch of
+        ``update_curvature``). Call it before or after ``update_curvature``, each right after its own
+        forward pass (each takes the latest captured pass)."""
+        _check_choice("likelihood", likelihood, LIKELIHOODS)
+        if self.reference_fisher_batch is None:
+            raise RuntimeError("update_reference needs a preconditioner built with reference_fisher_batch=<samples> "
+                               "(and exact_reference=True)")
+        again = " (this step's reference batch was already taken)" if self._reference_step == self.steps else ""
+        with self._autocast_off():
+            self._reference_groups = self._captured_groups(output, likelihood, targets, generator, FisherShard(),
+                                                           "update_reference", again)
+        self._reference_step = self.steps
+
+    def _captured_groups(self, output, likelihood, targets, generator, shard: FisherShard, caller: str, again: str):
+        """Layer groups of the latest captured forward pass (which produced ``output``), with the
+        output gradients of the summed negative log-likelihood of sampled (or given) targets."""
         outputs = self.capture.outputs
         missing = [name for (name, _), o in zip(self.layers, outputs) if o is None]
         if missing:
-            again = " (this step's Fisher batch was already taken)" if self._batch_step == self.steps else ""
             raise RuntimeError(
                 f"no forward pass with gradients enabled was captured for layer(s) {missing}{again}; "
-                "call update_curvature on the output of model(x) computed under torch.enable_grad(); a layer whose "
+                f"call {caller} on the output of model(x) computed under torch.enable_grad(); a layer whose "
                 "weight is used functionally rather than called (e.g. nn.MultiheadAttention.out_proj) never is: "
                 "leave it out with exclude=[name]"
             )
@@ -208,11 +261,9 @@ class CurvaturePreconditioner:
         flat = iter([go if go is not None else torch.zeros_like(out) for out, go in zip(calls, flat)])
         grads = [[next(flat) for _ in xs] for xs in inputs]  # each call's own output gradient
         inputs, grads = _in_parameter_dtype(self.modules, inputs), _in_parameter_dtype(self.modules, grads)
-        self.groups = capture_groups(self.modules, inputs, grads, self._shard(batch))
-        self.group_indices = [list(g.indices) for g in self.groups]
+        groups = capture_groups(self.modules, inputs, grads, shard)
         self.capture.clear()
-        self._batch_step = self.steps
-        self._uncommitted = True  # folded into the curvature state by step(), not by skip()
+        return groups
 
     def _autocast_off(self):
         """Full precision inside the preconditioner even when called under ``torch.autocast``."""
@@ -280,6 +331,7 @@ class CurvaturePreconditioner:
         no curvature state (factors, counters, inverses) changes; the next step takes a new one."""
         self.capture.clear()
         self.groups, self._batch_step, self._uncommitted = None, -1, False
+        self._reference_groups, self._reference_step = None, -1
         self._diag = {}
 
     def _commit_fisher_batch(self) -> None:
@@ -296,6 +348,7 @@ class CurvaturePreconditioner:
         zeta = self._direction(grads)
         zeta = self._kl_clip(zeta, grads)
         self._scatter(zeta)
+        self._reference_groups = None  # used by this step's diagnostics only
         self.steps += 1
 
     def _direction(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -313,9 +366,14 @@ class CurvaturePreconditioner:
         gap: E(beta*) - E(0) of eq. (4.6) on the Fisher batch; with ``exact_reference``:
         dist_kfac, dist_two_level (true squared F_bullet-distances to zeta = F_bullet^{-1} grad),
         rel_dist_* (the same over ||zeta||^2_{F_bullet}), cos_kfac, cos_two_level (Euclidean cosine
-        similarity to zeta), coarse_solve_fallbacks; with ``kl_clip`` (always recorded): kl_scale
-        (nu) and kl_product (what the clip reads: sum_i |<zeta_i, g_i>| for the unscaled form,
-        |<zeta, g>| for the lr^2 form, before the factor lr^2).
+        similarity to zeta), reference_rank (numerical rank of the reference batch's per-sample
+        gradients J, ``kfac2l.curvature.exact.numerical_rank``), reference_rank_above_damping (the
+        eigenvalues of its Fisher above lambda), coarse_solve_fallbacks; everything that compares
+        with zeta on the reference batch of ``reference_fisher_batch`` when it is set (the gap stays
+        on the optimiser's Fisher batch: then it is no longer dist_two_level - dist_kfac); with
+        ``kl_clip`` (always recorded): kl_scale (nu) and kl_product (what the clip reads:
+        sum_i |<zeta_i, g_i>| for the unscaled form, |<zeta, g>| for the lr^2 form, before the
+        factor lr^2).
         """
         return {k: float(v) for k, v in self._diag.items()}
 
@@ -334,9 +392,26 @@ class CurvaturePreconditioner:
         self.steps, self.damping, self.lr = int(state["steps"]), float(state["damping"]), float(state["lr"])
         self.group_indices = state["group_indices"]
         self.groups, self._batch_step, self._uncommitted = None, -1, False
+        self._reference_groups, self._reference_step = None, -1
+
+    def _reference_batch(self, groups: list[LayerGroup]) -> list[LayerGroup]:
+        """The groups the exact reference is computed on: this step's reference batch with
+        ``reference_fisher_batch``, else the optimiser's Fisher batch ``groups``."""
+        if self.reference_fisher_batch is None:
+            return groups
+        if self._reference_groups is None or self._reference_step != self.steps:
+            raise RuntimeError(f"reference_fisher_batch={self.reference_fisher_batch}: step() needs this step's "
+                               "reference batch from update_reference() (training_step draws it)")
+        return self._reference_groups
 
     def _record_exact(self, groups, grads, candidates: dict[str, list[torch.Tensor]]) -> None:
-        zeta = natural_gradient(groups, grads, self.damping)
+        """Distances and cosines of the candidate steps to zeta = F_bullet^{-1} grad, all in the
+        metric of the reference batch (``_reference_batch``), and that batch's rank."""
+        groups = self._reference_batch(groups)
+        spectrum = gram_spectrum(groups)
+        zeta = natural_gradient(groups, grads, self.damping, spectrum)
+        self._diag["reference_rank"] = numerical_rank(spectrum[0], grads[0].dtype)
+        self._diag["reference_rank_above_damping"] = rank_above_damping(spectrum[0], self.damping)
         ref = fisher_norm_sq(groups, zeta, self.damping).sum()
         ref_norm = layered_dot(zeta, zeta).sum().sqrt()
         for name, z in candidates.items():
@@ -346,6 +421,19 @@ class CurvaturePreconditioner:
             self._diag[f"rel_dist_{name}"] = dist / ref
             cos = layered_dot(z, zeta).sum() / (layered_dot(z, z).sum().sqrt() * ref_norm)
             self._diag[f"cos_{name}"] = cos
+
+
+def _check_reference_batch(size, exact_reference: bool) -> None:
+    """ValueError (one line) unless ``reference_fisher_batch`` is None or an integer >= 1 with
+    ``exact_reference``."""
+    if size is None:
+        return
+    if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
+        raise ValueError(f"reference_fisher_batch={size!r} is not valid; choose an integer >= 1 (samples of the exact "
+                         "reference's own Fisher batch) or None (the optimiser's Fisher batch)")
+    if not exact_reference:
+        raise ValueError(f"reference_fisher_batch={size!r} applies to the exact reference only; valid: "
+                         "exact_reference=True with it, or reference_fisher_batch=None")
 
 
 class KFAC(CurvaturePreconditioner):
@@ -771,6 +859,9 @@ class ExactNGD(CurvaturePreconditioner):
     through the Woodbury identity on the B x B Gram matrix of per-sample gradients."""
 
     def __init__(self, model: nn.Module, reduce=None, **kwargs):
+        if kwargs.get("reference_fisher_batch") is not None:
+            raise ValueError(f"reference_fisher_batch={kwargs['reference_fisher_batch']!r} does not apply to optimizer "
+                             "'ngd' (its step is the exact natural gradient); valid: reference_fisher_batch=None")
         if reduce is not None:
             raise ValueError("optimizer 'ngd' (Woodbury on the B x B Gram matrix) needs the whole Fisher batch on one "
                              "process; valid: a KFAC-family optimiser with distributed training")

@@ -45,7 +45,8 @@ REGISTRY: dict[str, OptimizerSpec] = {
 OPTIMIZERS = tuple(REGISTRY)
 
 _COMMON = {"lr", "weight_decay", "momentum", "nesterov"}
-_CURVATURE = {"damping", "kl_clip", "kl_clip_form", "diagnostics", "exact_reference", "exclude", "warn_skipped"}
+_CURVATURE = {"damping", "kl_clip", "kl_clip_form", "diagnostics", "exact_reference", "reference_fisher_batch",
+              "exclude", "warn_skipped"}
 _KFAC = {"damping_mode", "ema_decay", "ema_count", "freeze_factors", "cov_interval", "inv_interval"}
 _TWO_LEVEL = {"coarse_space", "correction", "coarse_scale", "taylor_order", "krylov_start", "coarse_options",
               "eigenbasis"}
@@ -101,6 +102,16 @@ class Optimizer:
         """The preconditioner's ``update_curvature`` (nothing for plain optimisers)."""
         if self.preconditioner is not None:
             self.preconditioner.update_curvature(output, likelihood, targets, generator, batch)
+
+    @property
+    def reference_fisher_batch(self) -> int | None:
+        """Samples of the exact reference's own Fisher batch (``training_step`` draws it and hands it
+        to ``update_reference``); None: the reference uses the optimiser's Fisher batch."""
+        return getattr(self.preconditioner, "reference_fisher_batch", None)
+
+    def update_reference(self, output, likelihood="categorical", targets=None, generator=None) -> None:
+        """The preconditioner's ``update_reference`` (the exact reference's own Fisher batch)."""
+        self.preconditioner.update_reference(output, likelihood, targets, generator)
 
     def zero_grad(self) -> None:
         self.base.zero_grad(set_to_none=True)
@@ -163,7 +174,7 @@ def make_optimizer(name: str, model: nn.Module, lr: float, reduce=None, **option
 
     Common options: weight_decay (1e-3), momentum (0.9) and nesterov (False), SGD-based only.
     Curvature options: damping (required), kl_clip, kl_clip_form, diagnostics, exact_reference,
-    and for the KFAC family damping_mode, ema_decay, ema_count, freeze_factors, cov_interval,
+    reference_fisher_batch, and for the KFAC family damping_mode, ema_decay, ema_count, freeze_factors, cov_interval,
     inv_interval; two-level: correction, coarse_scale, taylor_order, krylov_start, coarse_options
     (those a name fixes cannot be overridden); all curvature optimisers: exclude, warn_skipped.
     ``reduce``: data-parallel training (``kfac2l.distributed``), the preconditioner's sum over

@@ -105,6 +105,7 @@ def training_step(
     generator: torch.Generator | None = None,
     autocast: torch.dtype | None = None,
     resample: bool = True,
+    reference_generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Fisher pass if due, then the loss, backward, preconditioning and the base step.
 
@@ -117,6 +118,10 @@ def training_step(
     float32 and the curvature is formed in the parameters' dtype.
     ``resample=False``: the Fisher pass runs on the mini-batch itself (``fisher_fraction`` unused;
     the statistics of the training batch, as Tselepidis et al.'s train_toy.py:64-84).
+    With ``optimizer.reference_fisher_batch`` set, a third forward/backward, on that many rows drawn
+    with replacement from the mini-batch by ``reference_generator`` (indices and sampled targets; the
+    global generator when None), gives the exact reference its own Fisher batch
+    (``update_reference``); the Fisher batch and the step do not depend on it.
     Returns the mini-batch loss as a 0-dim tensor (not synchronised)."""
     target = x if task.autoencoder else y
     forward = autocast_forward(model, x.device.type, autocast)
@@ -124,6 +129,9 @@ def training_step(
         with batchnorm_statistics_kept(model):
             optimizer.update_curvature(forward(fisher_inputs(x, fisher_fraction, generator, resample)), task.likelihood,
                                        generator=generator)
+            if optimizer.reference_fisher_batch is not None:
+                rows = sample_rows(x, optimizer.reference_fisher_batch, reference_generator)
+                optimizer.update_reference(forward(rows), task.likelihood, generator=reference_generator)
     optimizer.zero_grad()
     loss = task.loss(forward(x), target)
     scaler = optimizer.grad_scaler
@@ -138,7 +146,11 @@ def fisher_inputs(x: torch.Tensor, fisher_fraction: float, generator: torch.Gene
     mini-batch x (by ``generator``), or x itself with ``resample=False``."""
     if not resample:
         return x
-    size = max(1, int(round(fisher_fraction * x.shape[0])))
+    return sample_rows(x, max(1, int(round(fisher_fraction * x.shape[0]))), generator)
+
+
+def sample_rows(x: torch.Tensor, size: int, generator: torch.Generator | None) -> torch.Tensor:
+    """``size`` rows of x drawn uniformly with replacement by ``generator``."""
     return x[torch.randint(0, x.shape[0], (size,), device=x.device, generator=generator)]
 
 
