@@ -41,12 +41,22 @@ BOOTSTRAP_RESAMPLES = 10_000
 ALPHA = 0.05
 
 
+def _first_reached(m: pd.DataFrame, loss: np.ndarray, threshold: float, column: str):
+    """``column`` (epoch or wall_time) of the first epoch whose loss is at or below ``threshold``;
+    None when never reached (censored)."""
+    reached = m[column].to_numpy()[loss <= threshold]
+    return reached[0].item() if len(reached) else None
+
+
 def run_endpoints(metrics: pd.DataFrame, threshold: float = THRESHOLD,
-                  epochs: tuple[int, ...] = CHECKPOINT_EPOCHS) -> dict:
+                  epochs: tuple[int, ...] = CHECKPOINT_EPOCHS, thresholds: tuple[float, ...] = (),
+                  accuracy: bool = False) -> dict:
     """Endpoints of one run from its per-epoch ``metrics`` (columns epoch, train_loss, wall_time,
     iterations): best loss, loss at ``epochs`` (carried forward after the run ended, flagged),
     first epoch at or below ``threshold`` (None = censored), mean of the last 5 epochs, seconds per
-    iteration."""
+    iteration. Optional: for each of ``thresholds`` the first epoch and the wall time (seconds) at
+    or below it (``epochs_to_T``, ``seconds_to_T``; None = censored), and with ``accuracy`` the
+    last epoch's test accuracy (``final_test_accuracy``)."""
     m = metrics.sort_values("epoch")
     loss = m["train_loss"].to_numpy(dtype=float)
     ep = m["epoch"].to_numpy()
@@ -56,16 +66,21 @@ def run_endpoints(metrics: pd.DataFrame, threshold: float = THRESHOLD,
         upto = loss[ep <= e]
         out[f"loss_at_{e}"] = float(upto[-1]) if len(upto) else np.nan
         out[f"carried_{e}"] = bool(len(loss) and ep[-1] < e)
-    reached = ep[loss <= threshold]
-    out["epochs_to_threshold"] = int(reached[0]) if len(reached) else None
+    out["epochs_to_threshold"] = _first_reached(m, loss, threshold, "epoch")
+    for t in thresholds:
+        out[f"epochs_to_{t:g}"] = _first_reached(m, loss, t, "epoch")
+        out[f"seconds_to_{t:g}"] = _first_reached(m, loss, t, "wall_time")
+    if accuracy:
+        out["final_test_accuracy"] = float(m["test_accuracy"].iloc[-1]) if len(m) else np.nan
     if len(m) and "wall_time" in m and "iterations" in m and m["iterations"].iloc[-1] > 0:
         out["seconds_per_iteration"] = float(m["wall_time"].iloc[-1] / m["iterations"].iloc[-1])
     return out
 
 
-def load_endpoints(root: str | Path) -> pd.DataFrame:
+def load_endpoints(root: str | Path, **options) -> pd.DataFrame:
     """One row per complete run under ``root``: optimizer, seed, status, lr, damping, commit,
-    diagnostics (whether the run computed the exact reference every step) and the endpoints."""
+    diagnostics (whether the run computed the exact reference every step) and the endpoints
+    (``run_endpoints`` with ``options``)."""
     rows = []
     for record in iter_runs(root):
         metrics = record.read_csv("metrics.csv")
@@ -76,7 +91,7 @@ def load_endpoints(root: str | Path) -> pd.DataFrame:
         rows.append({"optimizer": s.get("optimizer"), "seed": int(s.get("seed")), "status": s.get("status"),
                      "lr": s.get("lr"), "damping": s.get("damping"), "commit": s.get("git_commit"),
                      "diagnostics": bool(opts.get("exact_reference")), "path": str(record.path),
-                     **run_endpoints(metrics)})
+                     **run_endpoints(metrics, **options)})
     return pd.DataFrame(rows)
 
 
@@ -146,7 +161,8 @@ def holm(comparisons: list[Comparison], family_size: int = FAMILY_SIZE) -> list[
     return [Comparison(**{**c.__dict__, "p_holm": corrected.get(c.optimizer)}) for c in comparisons]
 
 
-def family(frame: pd.DataFrame, optimizers, reference: str = "kfac", endpoint: str = "best") -> list[Comparison]:
-    """The primary family: each of ``optimizers`` against ``reference``, Holm over those tested."""
+def family(frame: pd.DataFrame, optimizers, reference: str = "kfac", endpoint: str = "best",
+           family_size: int = FAMILY_SIZE) -> list[Comparison]:
+    """A declared family: each of ``optimizers`` against ``reference``, Holm over ``family_size``."""
     return holm([compare(paired_differences(frame, o, reference, endpoint), o, reference) for o in optimizers
-                 if o != reference])
+                 if o != reference], family_size)

@@ -6,7 +6,8 @@ Tables (``<!-- table:KIND:PROFILE:PANEL -->``): ``paired`` (the primary family, 
 ``secondary`` (descriptive endpoints), ``clip`` (the KL-clip regime), ``distance`` (the exact-NG
 diagnostics of the paper's Figures 5-6), ``refbatch`` (``<!-- table:refbatch:PROFILE -->``: the exact
 reference on Fisher batches of its own), ``cost`` (seconds per iteration), ``ablation-seed`` (Figure
-7 seed against seed) and ``claims`` (the claims table, statuses decided by declared rules).
+7 seed against seed) and ``claims`` (the claims table, statuses decided by declared rules; C6 and the
+toy problem's tables are in ``kfac2l.evidence_tko``, which builds on this module).
 Inline numbers (``<!-- value:KEY -->...<!-- /value -->``), KEY one of
 ``endpoint:PROFILE:PANEL:OPTIMIZER:ENDPOINT:STAT`` (STAT median, min, max, n) or
 ``paired:PROFILE:PANEL:OPTIMIZER:FIELD`` (FIELD median_diff, ci_low, ci_high, lower, n, p, p_holm).
@@ -35,9 +36,12 @@ def _p(x) -> str:
     return "-" if x is None else f"{x:.3f}" if x >= 0.001 else f"{x:.1e}"
 
 
-@lru_cache(maxsize=32)
-def endpoints(results: Path, profile: str, panel: str) -> pd.DataFrame:
-    return load_endpoints(Path(results) / "final" / profile / panel)
+@lru_cache(maxsize=64)
+def endpoints(results: Path, profile: str, panel: str, epochs: tuple[int, ...] = CHECKPOINT_EPOCHS,
+              thresholds: tuple[float, ...] = (), accuracy: bool = False) -> pd.DataFrame:
+    """The endpoints of every complete run of a panel (``analysis.run_endpoints`` with the options), cached."""
+    return load_endpoints(Path(results) / "final" / profile / panel, epochs=epochs, thresholds=thresholds,
+                          accuracy=accuracy)
 
 
 def _present(frame: pd.DataFrame) -> list[str]:
@@ -54,21 +58,27 @@ def paired_table(results: Path, profile: str, panel: str) -> str:
     frame = endpoints(results, profile, panel)
     if frame.empty:
         return "_no results_\n"
+    return paired_markdown(frame, comparisons(results, profile, panel), "best", "best loss", FAMILY_SIZE)
+
+
+def paired_markdown(frame: pd.DataFrame, comps, endpoint: str, name: str, family_size: int) -> str:
+    """A declared family's comparisons (``analysis.Comparison``, sorted by median difference) as a
+    table of ``endpoint`` (called ``name``), with the note that says how to read it."""
     rows = []
-    for c in sorted(comparisons(results, profile, panel), key=lambda c: c.median_diff):
-        own = frame[frame["optimizer"] == c.optimizer]["best"]
+    for c in sorted(comps, key=lambda c: c.median_diff):
+        own = frame[frame["optimizer"] == c.optimizer][endpoint]
         rows.append({
             "optimizer": LABELS[c.optimizer], "pairs (n)": c.n,
-            "best loss, median": _g(own.median()),
+            f"{name}, median": _g(own.median()),
             "paired difference to KFAC, median": f"{c.median_diff:+.4f}",
             "95 % bootstrap interval": "-" if c.ci_low is None else f"[{c.ci_low:+.4f}, {c.ci_high:+.4f}]",
             "lower than KFAC on": f"{c.lower}/{c.n} seeds", "Wilcoxon p": _p(c.p), "Holm p": _p(c.p_holm),
             "reading": c.verdict, "commits": _commits(frame, (c.optimizer, "kfac")),
         })
-    kfac = frame[frame["optimizer"] == "kfac"]["best"]
-    note = (f"\nKFAC best loss, median {_g(kfac.median())} [min {_g(kfac.min())}, max {_g(kfac.max())}], n = "
+    kfac = frame[frame["optimizer"] == "kfac"][endpoint]
+    note = (f"\nKFAC {name}, median {_g(kfac.median())} [min {_g(kfac.min())}, max {_g(kfac.max())}], n = "
             f"{len(kfac)}. Difference = optimiser - KFAC on the same seed (negative: lower loss than KFAC). "
-            f"Exact two-sided Wilcoxon signed-rank test; Holm over the declared family of {FAMILY_SIZE} "
+            f"Exact two-sided Wilcoxon signed-rank test; Holm over the declared family of {family_size} "
             f"(comparisons not yet tested count as p = 1); bootstrap: 10000 percentile resamples of the median "
             f"difference, not adjusted for multiplicity. Fewer than {MIN_PAIRS} pairs: descriptive only (no test). "
             f"Commits: the code the runs of each pair were made with.\n")
@@ -88,21 +98,33 @@ def secondary_table(results: Path, profile: str, panel: str) -> str:
     rows = []
     for opt in _present(frame):
         sub = frame[frame["optimizer"] == opt]
-        row = {"optimizer": LABELS[opt], "n": len(sub)}
-        for e in CHECKPOINT_EPOCHS:
-            carried = int(sub[f"carried_{e}"].sum())
-            row[f"epoch {e}"] = _g(sub[f"loss_at_{e}"].median()) + (f" ({carried} c.f.)" if carried else "")
-        times = sub["epochs_to_threshold"].astype(float).fillna(np.inf)  # censored: never reached
-        censored = int(np.isinf(times).sum())
-        med = float(np.median(times))
-        row[f"epochs to {THRESHOLD:.2f}"] = (f"not reached ({censored}/{len(sub)} never)" if np.isinf(med)
-                                             else _g(med) + (f" ({censored}/{len(sub)} never)" if censored else ""))
+        row = {"optimizer": LABELS[opt], "n": len(sub), **checkpoint_cells(sub, CHECKPOINT_EPOCHS)}
+        row[f"epochs to {THRESHOLD:.2f}"] = censored_median(sub["epochs_to_threshold"])
         row["mean of last 5 epochs"] = _g(sub["last5_mean"].median())
         rows.append(row)
     note = ("\nMedians over seeds. c.f.: runs that had stopped early, their last loss carried forward. "
             f"Epochs to {THRESHOLD:.2f}: median over all runs, a run that never reached it counted as never "
             "(censored; 'not reached' when that is the median).\n")
     return pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True) + "\n" + note
+
+
+def checkpoint_cells(runs: pd.DataFrame, epochs) -> dict[str, str]:
+    """Median loss over ``runs`` at each of ``epochs``, with the count of runs carried forward."""
+    cells = {}
+    for e in epochs:
+        carried = int(runs[f"carried_{e}"].sum())
+        cells[f"epoch {e}"] = _g(runs[f"loss_at_{e}"].median()) + (f" ({carried} c.f.)" if carried else "")
+    return cells
+
+
+def censored_median(times: pd.Series) -> str:
+    """Median over runs of a time to an event, a run that never reached it (None: censored)
+    counted as never; with the count of such runs, 'not reached' when that is the median."""
+    values = times.astype(float).fillna(np.inf)
+    censored = int(np.isinf(values).sum())
+    med = float(np.median(values))
+    never = f" ({censored}/{len(values)} never)"
+    return f"not reached{never}" if np.isinf(med) else _g(med) + (never if censored else "")
 
 
 def _nu(record) -> pd.Series | None:
@@ -317,12 +339,16 @@ def variance_shares(results: Path, profile: str, panel: str) -> dict:
 PAPER_TWO_LEVEL = tuple(o for o in TWO_LEVEL if o != "taylor")
 
 
+def split_significant(comps) -> tuple[list[str], list[str]]:
+    """(optimisers lower than the reference at Holm 0.05, those higher), in the order of ``comps``."""
+    tested = [c for c in comps if c.p_holm is not None and c.p_holm < 0.05]
+    return [c.optimizer for c in tested if c.median_diff < 0], [c.optimizer for c in tested if c.median_diff > 0]
+
+
 def significant(results: Path, profile: str, panel: str) -> tuple[list[str], list[str], int]:
     """(optimisers significantly lower than KFAC, significantly higher, the smallest n of the family)."""
     comps = comparisons(results, profile, panel)
-    lower = [c.optimizer for c in comps if c.p_holm is not None and c.p_holm < 0.05 and c.median_diff < 0]
-    higher = [c.optimizer for c in comps if c.p_holm is not None and c.p_holm < 0.05 and c.median_diff > 0]
-    return lower, higher, min((c.n for c in comps), default=0)
+    return (*split_significant(comps), min((c.n for c in comps), default=0))
 
 
 def c3_status(results: Path, profile: str = "paper", panel: str = "deep_linear_a") -> tuple[str, str]:
@@ -338,8 +364,7 @@ def c3_status(results: Path, profile: str = "paper", panel: str = "deep_linear_a
         lower = sum(c.median_diff < 0 for c in comps.values())
         return "descriptive only", (f"n = {n} pairs (< {MIN_PAIRS}); median paired difference to KFAC below 0 for "
                                     f"{lower} of {len(comps)} methods")
-    lower = [o for o, c in comps.items() if c.p_holm < 0.05 and c.median_diff < 0]
-    higher = [o for o, c in comps.items() if c.p_holm < 0.05 and c.median_diff > 0]
+    lower, higher = split_significant(comps.values())
     if len(lower) > len(comps) / 2 and not higher:
         return "reproduced", f"lower than KFAC at Holm 0.05: {', '.join(LABELS[o] for o in lower)} (n = {n})"
     if higher and not lower:
@@ -452,6 +477,7 @@ def claims_table(results: Path, profile: str = "paper") -> str:
     standin = any((results / "final" / profile / p).exists() for p in STANDIN_PANELS)
     c3, c3_text = c3_status(results, profile)
     c5, c5_text = c5_status(results, profile)
+    from kfac2l.evidence_tko import c6_status  # here: evidence_tko builds on this module's helpers
     pending = "stand-in runs pending (issue 17)"
     rows = [
         ("C1", "Natural-gradient methods (KFAC, two-level) beat ADAM and SGD on the three auto-encoders (Fig. 2)",
@@ -469,7 +495,7 @@ def claims_table(results: Path, profile: str = "paper") -> str:
         *c4_rows(results, profile),
         ("C5", "Two-level corrections cost more computation time than KFAC (section 4.3, abstract)", c5, c5_text),
         ("C6", "Tselepidis et al.: two-level K-FAC beats K-FAC on their 64-layer linear toy problem (disputed by "
-               "the paper as hasty)", "not yet tested", "their generator and protocol are built (issue 17); runs pending"),
+               "the paper as hasty)", *c6_status(results, profile)),
     ]
     frame = pd.DataFrame(rows, columns=["", "claim", "status", "evidence (n, statistic)"])
     return frame.to_markdown(index=False, disable_numparse=True) + "\n"

@@ -22,6 +22,13 @@ with one thread per run (the joblib launcher runs two at a time). Arms:
   tko        issue 17: Tselepidis et al.'s toy problem under convention=tko (KFAC, PREVIOUS, NICO,
              SGD seeds 1-10; the other two-level methods and ADAM seeds 1-3)
   tko_depth  issue 17: KFAC, PREVIOUS, NICO at depths 14, 30, 62, 126, seeds 1-5, 20 epochs
+  tko_paper  issue 17: the toy problem at the paper's protocol (convention=paper, batch 512, no lr
+             schedule): the small grid over 10 epochs of seed 0 (KFAC, PREVIOUS, NICO, SGD, ADAM),
+             the selection (``kfac2l.select``), then KFAC, PREVIOUS, NICO, SGD seeds 1-10 at it
+
+A step is a ``kfac2l.train -m`` multirun (its overrides) or, where it starts with ``kfac2l.select``,
+the selection between an arm's grid and its final runs. Figure 8 draws the three tko arms
+(``PANEL_ARMS``; ``python -m kfac2l.plots --figure 8 --profile paper`` draws without training).
 
 The stand-in for C1/C2 (issue 17) goes through the figure pipeline, which selects on a grid first:
 ``python -m kfac2l.reproduce --figure 9 --profile paper --grid demo --grid-epochs 3 --seeds 1 2 3``.
@@ -93,14 +100,24 @@ def arms(results: Path, launcher: str) -> dict[str, list[list[str]]]:
 
 TKO_PRIMARY = ("kfac", "previous", "nico")   # with SGD: 10 paired seeds (issue 17, declared before the runs)
 TKO_OTHERS = ("spectral", "residu", "kry-nico", "kry-residu", "taylor")
+TKO_DEPTHS = (14, 30, 62, 126)                # hidden blocks: 16, 32, 64, 128 linear layers
+TKO_PAPER_GRID_EPOCHS = 10
+SELECT = "kfac2l.select"                      # a step that starts with this runs the selection
+# the arm that makes each panel of Figure 8 (kfac2l.reproduce --figure 8 runs these, then draws)
+PANEL_ARMS = {"tko_toy": "tko", "tko_toy_paper": "tko_paper", **{f"tko_toy_depth{d}": "tko_depth" for d in TKO_DEPTHS}}
+
+
+def _tko_base(results: Path, launcher: str, name: str, convention: str) -> list[str]:
+    return ["experiment=tko_toy", f"experiment.name={name}", f"convention={convention}", "profile=paper",
+            f"launcher={launcher}", f"paths.tables={results / 'tables'}"]
 
 
 def tko_arms(results: Path, launcher: str) -> dict[str, list[list[str]]]:
     """Issue 17: Tselepidis et al.'s toy problem at their protocol (convention=tko, their lr 1e-2 and
-    damping 1e-3; 10 seeds for the primary optimisers, 3 for the others) and the depth sweep."""
+    damping 1e-3; 10 seeds for the primary optimisers, 3 for the others), the depth sweep, and the
+    same problem at the paper's protocol (``tko_paper_arm``)."""
     def base(name: str) -> list[str]:
-        return ["experiment=tko_toy", f"experiment.name={name}", "convention=tko", "profile=paper",
-                f"launcher={launcher}", f"paths.tables={results / 'tables'}", f"paths.runs={results / 'final'}"]
+        return [*_tko_base(results, launcher, name, "tko"), f"paths.runs={results / 'final'}"]
     curv = ["optimizer.lr=0.01", "optimizer.damping=0.001"]
     return {
         "tko": [[*base("tko_toy"), f"seed={_csv(SEEDS)}", f"optimizer={_csv(TKO_PRIMARY)}", *curv],
@@ -109,8 +126,46 @@ def tko_arms(results: Path, launcher: str) -> dict[str, list[list[str]]]:
                 [*base("tko_toy"), "seed=1,2,3", f"optimizer={_csv(TKO_OTHERS)}", *curv],
                 [*base("tko_toy"), "seed=1,2,3", "optimizer=adam", "optimizer.lr=0.001", "optimizer.damping=null"]],
         "tko_depth": [[*base(f"tko_toy_depth{d}"), f"model.depth={d}", "seed=1,2,3,4,5", "profile.max_epochs=20",
-                       f"optimizer={_csv(TKO_PRIMARY)}", *curv] for d in (14, 30, 62, 126)],
+                       f"optimizer={_csv(TKO_PRIMARY)}", *curv] for d in TKO_DEPTHS],
+        "tko_paper": tko_paper_arm(results, launcher),
     }
+
+
+def tko_paper_arm(results: Path, launcher: str, name: str = "tko_toy_paper") -> list[list[str]]:
+    """Issue 17 item 5: the toy problem (their data, student network and initialisation) at the
+    paper's protocol: convention=paper (a fresh Fisher batch of B/4, T_cov = T_inv = 100, the
+    unscaled KL clip, weight decay 1e-3), batch 512, early stopping with patience 10 and no
+    learning-rate schedule (the paper names none, section 4; their ReduceLROnPlateau is dropped).
+    Steps: lr x damping on the small grid ({1e-4, ..., 1e-1}) over the first 10 epochs of seed 0
+    (outside the final seeds) for KFAC, PREVIOUS, NICO and lr for SGD, ADAM; the selection (lowest
+    best training loss, as ``kfac2l.reproduce``); seeds 1-10 of KFAC, PREVIOUS, NICO, SGD at the
+    selected settings (``use_best=true``) for the experiment's 30 epochs."""
+    base = [*_tko_base(results, launcher, name, "paper"), "experiment.batch_size=512", "experiment.scheduler=null"]
+    grid = [*base, "seed=0", f"profile.max_epochs={TKO_PAPER_GRID_EPOCHS}", f"paths.runs={results / 'runs'}"]
+    select = [SELECT, "--experiment", name, "--profile", "paper", "--runs", str(results / "runs"),
+              "--tables", str(results / "tables"), "--max-epochs", str(TKO_PAPER_GRID_EPOCHS)]
+    return [[*grid, f"optimizer={_csv(TKO_PRIMARY)}", "search=small"],
+            [*grid, "optimizer=sgd,adam", "search=small_lr"],
+            select,
+            [*base, "use_best=true", f"seed={_csv(SEEDS)}", f"optimizer={_csv([*TKO_PRIMARY, 'sgd'])}",
+             f"paths.runs={results / 'final'}"]]
+
+
+def command(step: list[str]) -> list[str]:
+    """The command line of one plan step: the selection, or a ``kfac2l.train`` multirun."""
+    if step[0] == SELECT:
+        return [sys.executable, "-m", *step]
+    return [sys.executable, "-m", "kfac2l.train", "-m", *step]
+
+
+def run_arms(plan: dict[str, list[list[str]]], names, run: bool) -> None:
+    """Print (and with ``run`` launch, one after the other) the steps of the arms ``names``."""
+    for arm in names:
+        for step in plan[arm]:
+            cmd = command(step)
+            print(f"[plan:{arm}] {' '.join(cmd[1:])}", flush=True)
+            if run:
+                subprocess.run(cmd, check=False)
 
 
 def _at_selected(results: Path, launcher: str, name: str, optimizers, extra: list[str]) -> list[list[str]]:
@@ -166,12 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.run:
         yield_cpu()
-    for arm in args.only or list(plan):
-        for overrides in plan[arm]:
-            cmd = [sys.executable, "-m", "kfac2l.train", "-m", *overrides]
-            print(f"[plan:{arm}] {' '.join(cmd[1:])}", flush=True)
-            if args.run:
-                subprocess.run(cmd, check=False)
+    run_arms(plan, args.only or list(plan), args.run)
     return 0
 
 

@@ -8,7 +8,8 @@ A table lives between ``<!-- table:NAME -->`` and ``<!-- /table -->``; NAME is
 ``final:<profile>:<panel>`` (best training loss per optimiser over seeds, with the selected
 settings and, where recorded, the distance ratio of Figure 6 and the sign of the gap (4.6)),
 ``ablation:<profile>`` (Figure 7's arms), or one of ``kfac2l.evidence``'s tables (``paired``,
-``secondary``, ``clip``, ``distance``, ``cost``, ``ablation-seed``, ``claims``, ``refbatch``). An inline number
+``secondary``, ``clip``, ``distance``, ``cost``, ``ablation-seed``, ``claims``, ``refbatch``) or of
+``kfac2l.evidence_tko``'s (``tko-paired``, ``tko-descriptive``, ``tko-secondary``, ``tko-depth``). An inline number
 lives between ``<!-- value:KEY -->`` and ``<!-- /value -->`` (keys: ``kfac2l.evidence.value``).
 Everything is read through ``kfac2l.runs``.
 """
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from kfac2l import evidence
+from kfac2l import evidence, evidence_tko
 from kfac2l.io import atomic_write_text
 from kfac2l.names import LABELS, ORDER
 from kfac2l.plots.figures import ABLATION
@@ -108,7 +109,7 @@ def ablation_table(results: Path, profile: str) -> str:
 
 PANEL_TABLES = {"paired": evidence.paired_table, "secondary": evidence.secondary_table, "clip": evidence.clip_table,
                 "distance": evidence.distance_table, "cost": evidence.cost_table,
-                "selection": evidence.selection_table}
+                "selection": evidence.selection_table, **evidence_tko.TABLES}
 
 
 def render(name: str, results: Path) -> str:

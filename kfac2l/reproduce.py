@@ -4,6 +4,7 @@
                                [--panels deep_linear_a ...] [--seeds 1 2 3] [--grid small]
                                [--grid-epochs 10] [--diagnostic-seeds 1]
     python -m kfac2l.reproduce --figure 7 --profile paper      # the ablation (fixed settings, no grid)
+    python -m kfac2l.reproduce --figure 8 --profile paper      # the toy problem: kfac2l.plan's tko arms
 
 Every step is idempotent: sweep cells and final runs whose summary.json is complete are skipped,
 so rerunning after an interruption redoes only what is missing. Layout under ``results/``:
@@ -29,6 +30,7 @@ from hydra import compose, initialize_config_dir
 
 from kfac2l.data import DataMissingError
 from kfac2l.names import NO_CURVATURE
+from kfac2l.plan import PANEL_ARMS, arms, run_arms
 from kfac2l.plots.figures import ABLATION, AUTHORS_SETTINGS, FIGURES, PANELS, default_seeds, figure_panels, plot_figure
 from kfac2l.plots.results import summary_table
 from kfac2l.select import read_selection
@@ -114,6 +116,12 @@ def run_ablation_arm(panel, profile: str, launcher: str, results: Path, data: st
                 f"optimizer.damping={'null' if damping is None else damping}", f"seed={','.join(map(str, seeds))}"])
 
 
+def run_plan_panels(panels: list[str], launcher: str, results: Path) -> None:
+    """Panels whose runs are ``kfac2l.plan`` arms (Figure 8): each arm once, in the panels' order;
+    complete runs are skipped, interrupted ones resume (the arms fix their own settings and seeds)."""
+    run_arms(arms(results, launcher), list(dict.fromkeys(PANEL_ARMS[p] for p in panels)), run=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--figure", type=int, required=True, choices=sorted(FIGURES))
@@ -141,6 +149,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     seeds = args.seeds or default_seeds(args.profile)
     results = Path(args.results)
+    if any(p in PANEL_ARMS for p in panels):
+        if args.profile != "paper":
+            print(f"kfac2l.reproduce: figure {args.figure} runs kfac2l.plan's arms {sorted(set(PANEL_ARMS.values()))}, "
+                  f"which are profile=paper; got --profile {args.profile}; valid: --profile paper", file=sys.stderr)
+            return 2
+        run_plan_panels(panels, args.launcher, results)
+        for path in plot_figure(args.figure, results, args.profile, panels).values():
+            print(f"  {path}")
+        return 0
     available = []
     for name in panels:  # a panel whose data is missing is reported and left out, before any training
         try:

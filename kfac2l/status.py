@@ -20,6 +20,7 @@ import pandas as pd
 import yaml
 
 from kfac2l.names import NO_CURVATURE
+from kfac2l.plan import PANEL_ARMS
 from kfac2l.plots.figures import ABLATION, AUTHORS_SETTINGS, FIGURES, PANELS, default_seeds, figure_panels
 from kfac2l.runs import read_summary
 from kfac2l.train import CONFIGS, run_name
@@ -112,6 +113,11 @@ def main(argv: list[str] | None = None) -> int:
         panels = figure_panels(args.figure, args.panels)
     except ValueError as err:
         print(f"kfac2l.status: {err}", file=sys.stderr)
+        return 2
+    if any(p in PANEL_ARMS for p in panels):
+        print(f"kfac2l.status: figure {args.figure}'s runs are kfac2l.plan arms, not a grid; "
+              f"`python -m kfac2l.plan --only {' '.join(dict.fromkeys(PANEL_ARMS[p] for p in panels))}` lists them "
+              "and `make evidence-paired` skips the complete ones", file=sys.stderr)
         return 2
     seeds = args.seeds or default_seeds(args.profile)
     try:

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from test_runs import _cfg
 
 from kfac2l.analysis import MIN_PAIRS, compare, family, holm, run_endpoints
@@ -131,24 +132,33 @@ def test_report_and_readme_agree_with_committed_results():
     assert main(["--readme", *docs, "--results", str(REPO / "results"), "--check"]) == 0
 
 
-def test_every_planned_run_composes_and_validates():
+def test_every_planned_run_composes_and_validates(tmp_path):
     """kfac2l.plan's multiruns: the first value of every swept key composes under Hydra and passes
-    validation (so a planned arm cannot fail at launch on a bad override)."""
-    from kfac2l.plan import arms
+    validation (so a planned arm cannot fail at launch on a bad override); final runs of an arm whose
+    grid has not run yet read a stand-in selection table; a selection step reads the arm's grid."""
+    from kfac2l.config import best_settings_path
+    from kfac2l.plan import SELECT, arms
     from kfac2l.train import validate
 
     plan = arms(REPO / "results", "local")
     assert set(plan) == {"selected", "matched", "noclip", "clipgrid", "select11", "exactref", "refbatch", "tko",
-                         "tko_depth"}
+                         "tko_depth", "tko_paper"}
     names = set()
     for calls in plan.values():
-        for overrides in calls:
+        for overrides in [c for c in calls if c[0] != SELECT]:
             single = [o.split(",")[0] if "=" in o and not o.startswith("launcher") else o for o in overrides]
             cfg = _cfg([o for o in single if not o.startswith("launcher=")])
+            if cfg.use_best and not best_settings_path(cfg).exists():
+                _stand_in_selection(tmp_path / cfg.profile.name / cfg.experiment.name, cfg.optimizer.name)
+                cfg = _cfg([o for o in single if not o.startswith("launcher=")] + [f"paths.tables={tmp_path}"])
             validate(cfg)
             names.add(cfg.experiment.name)
     assert {"deep_linear_a", "deep_linear_a_matched", "deep_linear_a_noclip", "deep_linear_a_select11", "tko_toy",
-            "tko_toy_depth126", "deep_linear_a_refbatch32", "deep_linear_a_refbatch512"} <= names
+            "tko_toy_depth126", "deep_linear_a_refbatch32", "deep_linear_a_refbatch512", "tko_toy_paper"} <= names
+    grid, _, select, final = plan["tko_paper"]
+    assert select[:3] == [SELECT, "--experiment", "tko_toy_paper"]
+    assert f"paths.runs={select[select.index('--runs') + 1]}" in grid
+    assert "seed=0" in grid and "use_best=true" in final and "seed=1,2,3,4,5,6,7,8,9,10" in final
 
 
 def test_c5_reads_the_committed_benchmark_record(tmp_path):
@@ -163,3 +173,9 @@ def test_c5_reads_the_committed_benchmark_record(tmp_path):
     assert status == "descriptive only"
     assert "NICO 1.62" in text and "PREVIOUS 1.12" in text and "medians of 20 timed steps" in text
     assert "SGD" not in text.split(":", 1)[1]  # only the two-level methods are compared with KFAC
+
+
+def _stand_in_selection(table: Path, optimizer: str) -> None:
+    table.mkdir(parents=True, exist_ok=True)
+    damping = None if optimizer in ("sgd", "adam") else 0.001
+    (table / "best_settings.yaml").write_text(yaml.safe_dump({optimizer: {"lr": 0.01, "damping": damping}}))

@@ -12,13 +12,17 @@ import pytest
 from kfac2l.plots import plot_figure, summary_table
 
 
-def _write_run(root: Path, panel: str, opt: str, seed: int, losses, diag=None, source="debian:fashion"):
-    run = root / "final" / "quick" / panel / opt / f"lr=0.01,damping=0.1,seed={seed}"
+def _write_run(root: Path, panel: str, opt: str, seed: int, losses, diag=None, source="debian:fashion",
+               profile="quick", seconds_per_epoch=None, accuracy=0.5):
+    """A finished run in the real formats (metrics.csv, summary.json); wall time 1 s unless
+    ``seconds_per_epoch`` is given (then epoch x that)."""
+    run = root / "final" / profile / panel / opt / f"lr=0.01,damping=0.1,seed={seed}"
     run.mkdir(parents=True)
-    pd.DataFrame({"epoch": np.arange(1, len(losses) + 1), "iterations": 10 * np.arange(1, len(losses) + 1),
-                  "train_loss": losses, "test_loss": losses, "test_accuracy": 0.5, "wall_time": 1.0}
+    epochs = np.arange(1, len(losses) + 1)
+    pd.DataFrame({"epoch": epochs, "iterations": 10 * epochs, "train_loss": losses, "test_loss": losses,
+                  "test_accuracy": accuracy, "wall_time": 1.0 if seconds_per_epoch is None else seconds_per_epoch * epochs}
                  ).to_csv(run / "metrics.csv", index=False)
-    json.dump({"complete": True, "status": "completed", "optimizer": opt, "seed": seed, "profile": "quick",
+    json.dump({"complete": True, "status": "completed", "optimizer": opt, "seed": seed, "profile": profile,
                "data_source": source, "best_train_loss": float(min(losses)), "epochs_run": len(losses),
                "lr": 0.01, "damping": 0.1, "experiment": panel}, open(run / "summary.json", "w"))
     if diag is not None:
@@ -72,8 +76,8 @@ def test_gap_figure_smooths_and_distance_figure_ratio(results):
 def test_missing_panel_is_drawn_empty_and_bad_figure_rejected(results, tmp_path):
     paths = plot_figure(4, results, "quick")  # deep_linear_b has no results
     assert paths["figure"].exists()
-    with pytest.raises(ValueError, match="figure=8"):
-        plot_figure(8, results)
+    with pytest.raises(ValueError, match="figure=1"):
+        plot_figure(1, results)
     with pytest.raises(ValueError, match="unknown panel"):
         plot_figure(4, results, panels=["nope"])
 

@@ -1,4 +1,4 @@
-"""Figures 2-6 from the final runs under ``<results>/final/<profile>/<panel>``.
+"""Figures 2-9 from the final runs under ``<results>/final/<profile>/<panel>``.
 
   Figure 2  training loss vs epoch, CURVES / MNIST / FACES auto-encoders x three batch sizes
   Figure 3  Cuda-convnet/CIFAR-10, ResNet18/CIFAR-100, ResNet34/SVHN
@@ -10,6 +10,9 @@
   Figure 7  ablation on deep linear A at the authors' selected settings: best training loss per
             optimiser under convention=paper, convention=authors and each authors' ingredient
             alone (identical init, frozen KFAC curvature, KL-clip form), with curves.
+  Figure 8  Tselepidis et al.'s toy problem (claim C6): training loss per seed, paired differences of
+            the mean loss of the last 5 epochs to KFAC, and that endpoint against depth.
+  Figure 9  the stand-in for claims C1/C2: the MNIST auto-encoder architecture on Fashion-MNIST.
 Loss curves: one thin line per seed and the median over seeds while every seed runs; every optimiser has its own colour,
 line style and marker. Each figure is written as PNG with a CSV of exactly what it plots and a summary CSV (best training
 loss per optimiser per panel, epochs run). Titles state the profile and the data source.
@@ -28,6 +31,7 @@ from scipy.ndimage import gaussian_filter1d
 
 from kfac2l.io import atomic_write_csv
 from kfac2l.names import COLORS, LABELS, LINESTYLES, MARKERS, ORDER, PAPER_OPTIMIZERS, TWO_LEVEL
+from kfac2l.plan import PANEL_ARMS, TKO_DEPTHS, TKO_OTHERS, TKO_PRIMARY
 from kfac2l.plots.results import load_curves, load_diagnostics, selection_budget, summary_table
 
 
@@ -60,7 +64,15 @@ PANELS: dict[str, Panel] = {p.name: p for p in [
     # ours: stand-ins and Tselepidis et al.'s toy problem (issue 17)
     Panel("mnist_ae_fmnist", "mnist_ae_fmnist", "STAND-IN: MNIST AE architecture on Fashion-MNIST", diagnostics=True,
           optimizers=("kfac", "nico", "residu", "previous", "adam", "sgd")),
+    # the toy problem's runs come from kfac2l.plan's arms (PANEL_ARMS), never from a grid here
+    Panel("tko_toy", "tko_toy", "TKO toy problem, their protocol (convention=tko)",
+          optimizers=(*TKO_PRIMARY, *TKO_OTHERS, "adam", "sgd")),
+    Panel("tko_toy_paper", "tko_toy", "TKO toy problem, the paper's protocol (batch 512)",
+          ("experiment.name=tko_toy_paper",), optimizers=(*TKO_PRIMARY, "adam", "sgd")),
+    *[Panel(f"tko_toy_depth{d}", "tko_toy", f"TKO toy problem, depth {d}", (f"experiment.name=tko_toy_depth{d}",),
+            optimizers=TKO_PRIMARY) for d in TKO_DEPTHS],
 ]}
+DEPTH_PANELS = {f"tko_toy_depth{d}": d for d in TKO_DEPTHS}
 
 # The authors' selected settings on deep linear A (docs/protocol.md, "The authors' public code"):
 # KFAC lr 1e-2, damping 1e-2 (natural-gradients@97105b6 apps/mlp_cnn/results_ref/twolevel_kfac/F_MNIST/
@@ -107,6 +119,7 @@ FIGURES: dict[int, list[str]] = {
     5: ["curves_ae_bs128", "mnist_ae_bs1024", "faces_ae_bs2048", "cuda_convnet"],
     6: ["curves_ae_bs128", "mnist_ae_bs1024", "faces_ae_bs2048", "cuda_convnet"],
     7: [v.panel for v in ABLATION],
+    8: list(PANEL_ARMS),  # ours: Tselepidis et al.'s toy problem (C6), drawn from kfac2l.plan's tko arms
     9: ["mnist_ae_fmnist"],  # ours: the stand-in for C1/C2 (Figure 8 is reserved for the toy problem)
 }
 
@@ -191,16 +204,30 @@ def zoom(ax, curves: pd.DataFrame, value: str = "train_loss", head: int = 5) -> 
     ax.set_ylim(low - pad, high + pad)
 
 
-def draw_paired(ax, curves: pd.DataFrame, reference: str = "kfac") -> pd.DataFrame:
-    """Paired differences of the best training loss to ``reference`` (same seed): a dot per seed,
-    the median as a bar, the bootstrap 95 % interval where n >= MIN_PAIRS; zero line."""
+ENDPOINT_NAMES = {"best": "best loss", "last5_mean": "last-5-epoch mean loss"}
+
+
+def run_values(curves: pd.DataFrame, endpoint: str = "best") -> pd.DataFrame:
+    """Per run (optimizer, seed): ``endpoint`` of ``analysis.run_endpoints`` on its curve."""
+    from kfac2l.analysis import run_endpoints
+
+    rows = [{"optimizer": opt, "seed": seed, endpoint: run_endpoints(run)[endpoint]}
+            for (opt, seed), run in curves.groupby(["optimizer", "seed"])]
+    return pd.DataFrame(rows, columns=["optimizer", "seed", endpoint])
+
+
+def draw_paired(ax, curves: pd.DataFrame, reference: str = "kfac", endpoint: str = "best",
+                optimizers=ORDER) -> pd.DataFrame:
+    """Paired differences of ``endpoint`` (default the best training loss) to ``reference`` (same
+    seed) for ``optimizers``: a dot per seed, the median as a bar, the bootstrap 95 % interval
+    where n >= MIN_PAIRS; zero line."""
     from kfac2l.analysis import compare, paired_differences
 
-    best = curves.groupby(["optimizer", "seed"])["train_loss"].min().reset_index().rename(columns={"train_loss": "best"})
-    opts = [o for o in ORDER if o in set(best["optimizer"]) and o != reference]
+    values = run_values(curves, endpoint)
+    opts = [o for o in optimizers if o in set(values["optimizer"]) and o != reference]
     rows = []
     for k, opt in enumerate(opts):
-        d = paired_differences(best, opt, reference, "best")
+        d = paired_differences(values, opt, reference, endpoint)
         if d.empty:
             continue
         c = compare(d, opt, reference)
@@ -214,7 +241,7 @@ def draw_paired(ax, curves: pd.DataFrame, reference: str = "kfac") -> pd.DataFra
                                   "n": c.n}))
     ax.axhline(0.0, color="k", lw=0.8)
     ax.set_xticks(range(len(opts)), [LABELS[o] for o in opts], rotation=60, fontsize=7)
-    ax.set_ylabel(f"best loss - {LABELS[reference]} (same seed)")
+    ax.set_ylabel(f"{ENDPOINT_NAMES[endpoint]} - {LABELS[reference]} (same seed)")
     ax.set_title(f"paired differences to {LABELS[reference]}", fontsize=10)
     return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
 
@@ -222,6 +249,12 @@ def draw_paired(ax, curves: pd.DataFrame, reference: str = "kfac") -> pd.DataFra
 def _budget_note(results_root: Path, profile: str, panels: list[str]) -> str:
     budgets = sorted({b for p in panels if (b := selection_budget(results_root, profile, p))})
     return f"; lr/damping selected on {' | '.join(budgets)}" if budgets else ""
+
+
+SEED_LINES = ("Thin lines: one run (seed) each; bold: median over seeds, drawn only while every seed runs (x: the "
+              "first seed stops early); n = seeds")
+PAIRED_MARKS = ("dots per seed, bar the median, vertical line its bootstrap 95 % interval (n >= 9; not adjusted for "
+                "multiplicity")
 
 
 def plot_loss_figure(figure: int, panels: list[str], root: Path, out: Path, profile: str):
@@ -254,10 +287,8 @@ def plot_loss_figure(figure: int, panels: list[str], root: Path, out: Path, prof
         summaries.append(summary_table(root / profile / name).assign(panel=name))
     _title(fig, f"Figure {figure}: training loss per seed and paired differences to KFAC")
     _caption(fig, (
-        f"Thin lines: one run (seed) each; bold: median over seeds, drawn only while every seed runs (x: the first "
-        f"seed stops early); n = seeds. Linear axis zoomed: the first epochs lie above the frame. Right: best "
-        f"training loss minus KFAC's on the same seed, dots per seed, bar the median, vertical line its bootstrap "
-        f"95 % interval (n >= 9; not adjusted for multiplicity, the Holm-corrected tests are in docs/report.md). "
+        f"{SEED_LINES}. Linear axis zoomed: the first epochs lie above the frame. Right: best training loss minus "
+        f"KFAC's on the same seed, {PAIRED_MARKS}, the Holm-corrected tests are in docs/report.md). "
         f"{_provenance(frames, profile)}{_budget_note(root.parent, profile, panels)}."), 170)
     fig.tight_layout(rect=(0, 0.07, 1, 0.95))
     return _save(fig, out, figure, plotted, summaries)
@@ -420,6 +451,115 @@ def plot_distance_figure(figure: int, panels: list[str], root: Path, out: Path, 
     return _save(fig, out, figure, plotted, [])
 
 
+TKO_CURVES = ("kfac", "nico", "previous", "sgd")   # Figure 8a: KFAC and its declared family
+
+
+def _tko_provenance(frames: list[pd.DataFrame], profile: str) -> str:
+    """``_provenance`` with the toy problem's per-seed source names folded into one."""
+    folded = [f.assign(data_source=f["data_source"].astype(str).str.replace(
+        r"teacher and data seed \d+ \(their --seed \d+\)", "teacher and data seed = run seed + 1", regex=True))
+        for f in frames if "data_source" in f]
+    return _provenance(folded, profile)
+
+
+def _endpoint_summary(values: pd.DataFrame, endpoint: str, panel: str) -> pd.DataFrame:
+    """Per optimiser: median, min and max over seeds of ``endpoint`` (named in the columns), seeds."""
+    table = values.groupby("optimizer")[endpoint].agg(["median", "min", "max", "count"])
+    table.columns = [f"{endpoint}_median", f"{endpoint}_min", f"{endpoint}_max", "seeds"]
+    return table.reset_index().assign(panel=panel, depth=DEPTH_PANELS.get(panel))
+
+
+def _tko_row(ax, pax, curves: pd.DataFrame, name: str, endpoint: str, family, thresholds) -> list[pd.DataFrame]:
+    """Figure 8, one protocol: a) training loss per seed (log axis, the declared thresholds dotted),
+    b) paired differences of ``endpoint`` to KFAC for ``family``; returns what it plotted."""
+    ax.set_title(f"a) {PANELS[name].title}", fontsize=10)
+    pax.set_title("b) paired differences to KFAC", fontsize=10)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("training loss")
+    curves = curves[curves["optimizer"].isin(TKO_CURVES)] if not curves.empty else curves
+    if curves.empty:
+        for a in (ax, pax):
+            a.text(0.5, 0.5, "no runs yet", ha="center", va="center", transform=a.transAxes)
+        return []
+    bands = seed_bands(curves)
+    draw_seeds(ax, curves, bands, [o for o in ORDER if o in set(bands["optimizer"])])
+    for t in thresholds:
+        ax.axhline(t, color="0.5", lw=0.6, ls=":")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    paired = draw_paired(pax, curves, "kfac", endpoint, [o for o in ORDER if o in family])
+    pax.set_title("b) paired differences to KFAC", fontsize=10)  # draw_paired titles it too
+    plotted = [bands.rename(columns={"median": "train_loss"}).assign(panel=name, kind="curve")]
+    return plotted + ([paired.assign(panel=name, kind="paired", endpoint=endpoint)] if not paired.empty else [])
+
+
+def _tko_depth(ax, root: Path, profile: str, panels: list[str], endpoint: str, frames: list) -> list[pd.DataFrame]:
+    """Figure 8c: ``endpoint`` per seed (points) and its median (line) against the number of linear
+    layers (depth + 2) for KFAC, PREVIOUS and NICO; returns the per-run values it plotted."""
+    ax.set_title("c) depth sweep", fontsize=10)
+    ax.set_xlabel("linear layers (depth + 2)")
+    ax.set_ylabel(ENDPOINT_NAMES[endpoint])
+    runs = []
+    for name in panels:
+        curves = load_curves(root / profile / name)
+        frames.append(curves)
+        if not curves.empty:
+            runs.append(run_values(curves, endpoint).assign(panel=name, layers=DEPTH_PANELS[name] + 2))
+    if not runs:
+        ax.text(0.5, 0.5, "no runs yet", ha="center", va="center", transform=ax.transAxes)
+        return []
+    values = pd.concat(runs, ignore_index=True)
+    for k, opt in enumerate([o for o in ORDER if o in set(values["optimizer"])]):
+        sub = values[values["optimizer"] == opt]
+        shift = 2 ** (0.06 * (k - 1))  # methods side by side on the log axis
+        ax.scatter(sub["layers"] * shift, sub[endpoint], s=10, color=COLORS[opt], alpha=0.6, lw=0)
+        med = sub.groupby("layers")[endpoint].median()
+        n = int(sub.groupby("layers").size().min())
+        ax.plot(med.index * shift, med.to_numpy(), color=COLORS[opt], ls=LINESTYLES[opt], marker=MARKERS[opt],
+                ms=4, lw=1.2, label=f"{LABELS[opt]} (n={n})")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted(values["layers"].unique()), [str(v) for v in sorted(values["layers"].unique())])
+    ax.legend(fontsize=7)
+    return [values.assign(kind="depth")]
+
+
+def plot_tko_figure(figure: int, panels: list[str], root: Path, out: Path, profile: str):
+    """Figure 8 (ours): Tselepidis et al.'s toy problem. A row per protocol panel (``tko_toy``, their
+    protocol; ``tko_toy_paper``, the paper's): a) training loss per seed of KFAC, PREVIOUS, NICO and
+    SGD, median while every seed runs; b) paired differences of the primary endpoint (mean training
+    loss of the last 5 epochs) to KFAC, the declared family; c) the depth sweep. Draws what is
+    present. Summary CSV: per panel and optimiser the endpoint's median, min, max over seeds."""
+    from kfac2l.evidence_tko import ENDPOINT, FAMILY, THRESHOLDS
+
+    rows = [p for p in panels if p not in DEPTH_PANELS] or [None]
+    depth = [p for p in panels if p in DEPTH_PANELS]
+    fig = plt.figure(figsize=(16 if depth else 11, 4.6 * len(rows) + 1.4))
+    grid = fig.add_gridspec(len(rows), 3 if depth else 2, width_ratios=[1.5, 1, 1.1] if depth else [1.5, 1])
+    plotted, summaries, frames = [], [], []
+    for row, name in enumerate(rows):
+        if name is None:
+            continue
+        curves = load_curves(root / profile / name)
+        frames.append(curves)
+        plotted += _tko_row(fig.add_subplot(grid[row, 0]), fig.add_subplot(grid[row, 1]), curves, name, ENDPOINT,
+                            FAMILY, THRESHOLDS)
+        if not curves.empty:
+            summaries.append(_endpoint_summary(run_values(curves, ENDPOINT), ENDPOINT, name))
+    if depth:
+        values = _tko_depth(fig.add_subplot(grid[:, 2]), root, profile, depth, ENDPOINT, frames)
+        plotted += values
+        summaries += [_endpoint_summary(v, ENDPOINT, p) for p, v in values[0].groupby("panel")] if values else []
+    _title(fig, f"Figure {figure} (ours): Tselepidis et al.'s toy problem - does two-level K-FAC beat K-FAC?")
+    _caption(fig, (
+        f"a) {SEED_LINES}; log axis; dotted: the losses {' and '.join(map(str, THRESHOLDS))} of the secondary "
+        f"endpoints. b) Mean training loss of the last 5 epochs minus KFAC's on the same seed: {PAIRED_MARKS}; the "
+        f"Holm-corrected tests over the family of 3 are in docs/report.md, section C6). c) The same endpoint per "
+        f"seed (points) and its median over seeds (line) against the number of linear layers, n = seeds per depth. "
+        f"{_tko_provenance(frames, profile)}."), 230)
+    fig.tight_layout(rect=(0, 0.08, 1, 0.95))
+    return _save(fig, out, figure, plotted, summaries)
+
+
 def _save(fig, out: Path, figure: int, plotted: list[pd.DataFrame], summaries: list[pd.DataFrame]) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     # per-iteration data (Figures 5, 6) run to megabytes: gzipped
@@ -438,7 +578,7 @@ def _save(fig, out: Path, figure: int, plotted: list[pd.DataFrame], summaries: l
 
 def plot_figure(figure: int, results: str | Path = "results", profile: str = "quick",
                 panels: list[str] | None = None, out: str | Path | None = None) -> dict:
-    """Draw figure 2-7 from ``<results>/final/<profile>/<panel>``; returns the written paths."""
+    """Draw figure 2-9 from ``<results>/final/<profile>/<panel>``; returns the written paths."""
     if figure not in FIGURES:
         raise ValueError(f"figure={figure!r} is not valid; choose one of {sorted(FIGURES)}")
     panels = panels or FIGURES[figure]
@@ -447,5 +587,6 @@ def plot_figure(figure: int, results: str | Path = "results", profile: str = "qu
         raise ValueError(f"unknown panel(s) {unknown}; valid panels: {', '.join(PANELS)}")
     root = Path(results) / "final"
     out = Path(out) if out else Path(results) / "figures" / profile
-    draw = {5: plot_gap_figure, 6: plot_distance_figure, 7: plot_ablation_figure}.get(figure, plot_loss_figure)
+    draw = {5: plot_gap_figure, 6: plot_distance_figure, 7: plot_ablation_figure,
+            8: plot_tko_figure}.get(figure, plot_loss_figure)
     return draw(figure, panels, root, out, profile)
