@@ -17,6 +17,11 @@ into its own directory (``kfac2l.runs``):
   kl_clip.csv.gz   (optimisers with a KL clip) per iteration: the clip factor nu and the product
                    it reads
 
+A run holds an exclusive lock on ``<run>/.lock`` (``fcntl.flock``, released when its process
+ends, even on SIGKILL) while it trains: a second process given the same directory (a relaunch while
+the first is still going, e.g. joblib workers that outlived a signalled parent, or a double
+submission) reports it and skips it instead of training the same run twice at once.
+
 Relaunching the same command: a complete run with the same identity is skipped; an interrupted
 one resumes from its checkpoint and ends with the same per-epoch losses as an uninterrupted run;
 a run with another identity in the same directory is reported (what differs) and moved to
@@ -30,6 +35,8 @@ names other modules and the tests import from it.
 
 from __future__ import annotations
 
+import fcntl
+import os
 import shutil
 import sys
 import time
@@ -83,6 +90,9 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
     if previous is not None and previous.get("identity_id") == ident and previous.get("complete"):
         print(f"[kfac2l] {out_dir} is complete (identity {ident}); skipped", file=sys.stderr)
         return previous
+    lock = _lock(out_dir) if parallel is None or parallel.rank == 0 else None
+    if lock is False:
+        return previous or {"status": "running elsewhere"}
     if parallel is None:
         resumed = _claim(out_dir, previous, identity, ident)
     else:  # process 0 claims the directory; then every process reads the checkpoint it left
@@ -93,7 +103,31 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
     run = Run(cfg, out_dir, identity, ident, (lr, opts), parallel)
     if resumed is not None:
         run.restore(resumed, previous)
-    return run.execute()
+    try:
+        return run.execute()
+    finally:
+        if lock:
+            lock.close()  # releases the flock
+
+
+def _lock(out_dir: Path):
+    """An open file holding an exclusive lock on ``out_dir/.lock``, or False when another process
+    holds it (that process's pid is in the file, and is reported)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fh = open(out_dir / ".lock", "a+")  # noqa: SIM115 (held open for the run's duration)
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        holder = fh.read().strip() or "unknown"
+        fh.close()
+        print(f"[kfac2l] {out_dir} is being trained by another process (pid {holder}); skipped", file=sys.stderr)
+        return False
+    fh.seek(0)
+    fh.truncate()
+    fh.write(str(os.getpid()))
+    fh.flush()
+    return fh
 
 
 def _claim(out_dir: Path, previous: dict | None, identity: dict, ident: str) -> dict | None:

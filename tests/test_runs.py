@@ -383,3 +383,24 @@ def test_git_commit_is_dirty_for_code_not_for_results(tmp_path):
         assert io.git_commit().endswith("+dirty")
     finally:
         io.__file__ = original
+
+
+def test_a_run_being_trained_by_another_process_is_skipped_not_trained_twice(data_root, tmp_path, capsys):
+    import fcntl
+
+    from kfac2l.train import train
+
+    cfg = _cfg(["optimizer=kfac", *_small(data_root, epochs=1), f"paths.runs={tmp_path}"])
+    out = tmp_path / "run"
+    out.mkdir()
+    with open(out / ".lock", "a+") as other:  # another open file description: as another process's lock
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        other.write("4242")
+        other.flush()
+        assert train(cfg, out) == {"status": "running elsewhere"}
+        assert "being trained by another process (pid 4242)" in capsys.readouterr().err
+        assert not (out / "metrics.csv").exists()
+    summary = train(cfg, out)  # the lock released: the run trains, and leaves the lock free
+    assert summary["status"] == "completed" and len(pd.read_csv(out / "metrics.csv")) == 1
+    with open(out / ".lock", "a+") as again:
+        fcntl.flock(again, fcntl.LOCK_EX | fcntl.LOCK_NB)
