@@ -298,8 +298,9 @@ def write_record(path: str, rows: list[dict], argv: list[str]) -> None:
     """The benchmark rows as a result file: with the command, the code's commit and the machine."""
     from kfac2l.io import atomic_write_json, git_commit, machine
 
-    atomic_write_json(path, {"command": " ".join(["python -m kfac2l.bench", *argv]), "git_commit": git_commit(),
-                             "machine": machine(), "rows": rows})
+    threads = os.environ.get("OMP_NUM_THREADS")
+    command = " ".join([*([f"OMP_NUM_THREADS={threads}"] if threads else []), "python -m kfac2l.bench", *argv])
+    atomic_write_json(path, {"command": command, "git_commit": git_commit(), "machine": machine(), "rows": rows})
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ fake run folders whose endpoints, paired differences, censoring and p-values are
 
 from __future__ import annotations
 
+import json
 import shutil
 from itertools import product
 
@@ -13,7 +14,7 @@ from test_plots import _write_run
 
 from kfac2l import evidence, evidence_tko
 from kfac2l.analysis import Comparison
-from kfac2l.evidence_tko import c6_status, primary_family, tko_endpoints
+from kfac2l.evidence_tko import claim_status, primary_family, tko_endpoints
 
 HEAD = [0.50, 0.30, 0.20, 0.16, 0.14, 0.13, 0.125]   # epochs 1-7 of every run: 0.15 first reached at epoch 5
 SEEDS = range(1, 11)
@@ -109,9 +110,11 @@ def test_tables_and_c6_status(results):
     assert "| 15 " in kfac and "| 24 " in kfac and "0.99" in kfac
     depth = render("tko-depth:paper:tko_toy", results)
     assert "126 (128)" in depth and "-0.0090" in depth and "30 (32)" not in depth  # missing depths left out
-    status, text = c6_status(results)
+    status, text = claim_status(results)
     assert status == "reproduced" and "PREVIOUS" in text.split(";")[0]
-    assert "| C6 " in evidence.claims_table(results) and "reproduced" in evidence.claims_table(results)
+    claims = evidence.claims_table(results)
+    assert "| C6 " in claims and "| C6b " in claims and "| C6c " in claims
+    assert claim_status(results, "previous", panel="tko_toy_paper") == ("not yet tested", "runs pending (issue 17)")
 
 
 def test_fewer_than_nine_pairs_is_descriptive_and_no_runs_is_graceful(results, tmp_path_factory):
@@ -120,9 +123,10 @@ def test_fewer_than_nine_pairs_is_descriptive_and_no_runs_is_graceful(results, t
     evidence.endpoints.cache_clear()
     comps = {c.optimizer: c for c in primary_family(results)}
     assert comps["nico"].n == 3 and comps["nico"].p is None and comps["previous"].p is not None
-    assert c6_status(results)[0] == "descriptive only"
+    assert claim_status(results, "nico")[0] == "descriptive only: against the claim"  # +0.001, -0.002, +0.003
+    assert claim_status(results, "previous")[0] == "reproduced"  # PREVIOUS alone decides C6
     empty = tmp_path_factory.mktemp("empty")
-    assert c6_status(empty) == ("not yet tested", "their generator and protocol are built (issue 17); runs pending")
+    assert claim_status(empty) == ("not yet tested", "runs pending (issue 17)")
     for kind in evidence_tko.TABLES:
         assert evidence_tko.TABLES[kind](empty, "paper", "tko_toy").startswith("_no runs yet")
 
@@ -131,16 +135,30 @@ def _comp(opt, median, p_holm, ci_low=-0.005):
     return Comparison(opt, "kfac", 10, median, ci_low, 0.01, 5, p_holm, p_holm)
 
 
-@pytest.mark.parametrize("previous, nico, status", [
-    (_comp("previous", -0.01, 0.01), _comp("nico", 0.0, 0.5), "reproduced"),
-    (_comp("previous", 0.01, 0.01), _comp("nico", 0.0, 0.5), "contradicted"),
-    (_comp("previous", -0.01, 0.01), _comp("nico", 0.01, 0.02), "mixed"),
-    (_comp("previous", 0.0, 0.5), _comp("nico", 0.0, 0.5), "not reproduced"),         # both intervals > -0.01
-    (_comp("previous", 0.0, 0.5, -0.02), _comp("nico", 0.0, 0.5), "inconclusive"),   # a gain of 0.01 not excluded
+@pytest.mark.parametrize("previous, status", [
+    (_comp("previous", -0.01, 0.01), "reproduced"),
+    (_comp("previous", 0.01, 0.01), "contradicted"),
+    (_comp("previous", 0.0, 0.5), "not reproduced"),         # the interval's lower end > -0.01
+    (_comp("previous", 0.0, 0.5, -0.02), "inconclusive"),   # a gain of 0.01 not excluded
 ])
-def test_c6_rule(monkeypatch, previous, nico, status):
+def test_c6_rule_is_decided_on_previous_alone(monkeypatch, previous, status):
+    nico = _comp("nico", 0.02, 0.001)  # NICO significantly higher: C6b's business, not C6's
     monkeypatch.setattr(evidence_tko, "primary_family", lambda *a, **k: [previous, nico])
-    assert c6_status("unused")[0] == status
+    assert claim_status("unused")[0] == status
+    assert claim_status("unused", "nico")[0] == "contradicted"
+
+
+def test_a_diverged_run_takes_the_worst_rank(results):
+    run = next((results / "final" / "paper" / "tko_toy" / "previous").glob("*seed=3"))
+    summary = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").write_text(json.dumps({**summary, "status": "diverged"}))
+    evidence.endpoints.cache_clear()
+    frame = tko_endpoints(results, "paper", "tko_toy")
+    finite = frame[frame["status"] != "diverged"]["last5_mean"]
+    worst = frame[(frame["optimizer"] == "previous") & (frame["seed"] == 3)]["last5_mean"].item()
+    assert worst == finite.max() + 1.0
+    prev = next(c for c in primary_family(results) if c.optimizer == "previous")
+    assert prev.lower == 9  # the diverged seed counts against PREVIOUS
 
 
 def test_figure8_draws_runs_paired_differences_and_depth(results, capsys):
