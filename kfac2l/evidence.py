@@ -86,7 +86,10 @@ def paired_markdown(frame: pd.DataFrame, comps, endpoint: str, name: str, family
 
 
 def _commits(frame: pd.DataFrame, optimizers) -> str:
+    """The commits of the runs in the pairs of ``optimizers`` (only the seeds all of them have)."""
     sub = frame[frame["optimizer"].isin(optimizers)]
+    common = set.intersection(*(set(sub[sub["optimizer"] == o]["seed"]) for o in optimizers))
+    sub = sub[sub["seed"].isin(common)]
     return ", ".join(sorted({str(c)[:7] + ("+dirty" if "dirty" in str(c) else "") for c in sub["commit"].dropna()}))
 
 
@@ -549,11 +552,14 @@ def selection_table(results: Path, profile: str, panel: str) -> str:
         seeds = final[final["optimizer"] == opt]["best"] if not final.empty else pd.Series(dtype=float)
         edge = "" if pd.isna(best["damping"]) else (
             " (grid edge)" if best["damping"] in (grid["damping"].min(), grid["damping"].max()) else "")
-        rows.append({"optimizer": LABELS[opt], "cells": len(cells), "selected": cell(best) + edge,
-                     "its loss": _g(best["best_train_loss"]),
+        rows.append({"optimizer": LABELS[opt], "cells completed": len(cells), "selected": cell(best) + edge,
+                     "its best loss (seed 0, 10 epochs)": _g(best["best_train_loss"]),
                      "second": "-" if second is None else cell(second),
                      "gap to second": "-" if second is None
                      else f"{second['best_train_loss'] - best['best_train_loss']:.4f}",
                      "final runs: max - min over seeds": f"{seeds.max() - seeds.min():.4f} (n={len(seeds)})"
                      if len(seeds) > 1 else "-"})
-    return pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True) + "\n"
+    return pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True) + (
+        "\n\nCells completed: of the 16 grid cells, those that neither diverged nor failed. Gap: the runner-up's "
+        "best loss minus the selected one's, same seed and budget. Spread: max - min of the final runs' best loss "
+        "over seeds.\n")

@@ -35,8 +35,8 @@ VALUE = re.compile(r"(<!-- value:(?P<key>[^ ]+) -->)(?P<body>[^<]*)(<!-- /value 
 DOCUMENTS = ("README.md", "docs/report.md", "docs/experiments.md", "docs/benchmarks.md")
 
 
-def _g(x) -> str:
-    return "-" if x is None or pd.isna(x) else f"{x:.3g}"
+def _g(x, digits: int = 3) -> str:
+    return "-" if x is None or pd.isna(x) else f"{x:.{digits}g}"
 
 
 def _loss_cell(values: pd.Series) -> str:
@@ -78,7 +78,7 @@ def final_table(results: Path, profile: str, panel: str) -> str:
             "optimizer": LABELS[opt], "lr": _g(first["lr"]), "damping": _g(first["damping"]),
             "best training loss, median [min, max]": _loss_cell(sub["best"]), "seeds": len(sub),
             "epochs run (median)": _g(sub["epochs"].median()), "diverged": diverged,
-            "distance ratio (Fig. 6)": _g(sub["ratio"].dropna().median()) if "ratio" in sub else "-",
+            "distance ratio (our Fig. 6)": _g(sub["ratio"].dropna().median(), 4) if "ratio" in sub else "-",
             "gap (4.6) < 0": (f"{100 * sub['gap_negative'].dropna().median():.0f} %"
                               if "gap_negative" in sub and sub["gap_negative"].notna().any() else "-"),
             "_sort": sub["best"].median(),
