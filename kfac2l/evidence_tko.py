@@ -21,15 +21,21 @@ Declared in issue 17 and in this module before any of its runs (docs/report.md, 
 - **C6 rule**: ``claim_status``, for PREVIOUS (C6), NICO (C6b) and PREVIOUS at the paper's protocol
   (C6c), each a row of the claims table (``c6_rows``).
 
+- **Fidelity to their code** (issue 17, item 3): under ``convention=tko`` our KFAC, PREVIOUS and SGD
+  match the mean training loss over epochs 3-5 of their code (``scripts/run_tko_code.py``, results
+  under ``public_code/<panel>``) within ``FIDELITY_TOLERANCE`` (``fidelity_table``).
+
 Tables (``<!-- table:KIND:PROFILE:PANEL -->``, registered in ``kfac2l.report``): ``tko-paired``,
-``tko-descriptive``, ``tko-secondary`` (PANEL ``tko_toy`` or ``tko_toy_paper``) and ``tko-depth``
-(PANEL ``tko_toy``: the panels ``tko_toy_depthD``). A panel without runs reads "no runs yet".
+``tko-descriptive``, ``tko-secondary`` (PANEL ``tko_toy`` or ``tko_toy_paper``), ``tko-depth``
+(PANEL ``tko_toy``: the panels ``tko_toy_depthD``) and ``tko-fidelity`` (PANEL ``tko_toy``). A panel
+without runs reads "no runs yet".
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from kfac2l.analysis import MIN_PAIRS, Comparison, family, paired_differences
@@ -45,6 +51,7 @@ from kfac2l.evidence import (
 )
 from kfac2l.names import LABELS, ORDER
 from kfac2l.plan import TKO_DEPTHS, TKO_OTHERS, TKO_PRIMARY
+from kfac2l.runs import iter_runs
 
 PANEL = "tko_toy"
 ENDPOINT = "last5_mean"
@@ -59,6 +66,10 @@ THRESHOLDS = (0.15, 0.12)
 # declared with the rule, a convention (no published effect size to anchor it): about 10 % of the
 # loss level one seed-0 run of their KFAC reached (0.089-0.115 from epoch 4, issue 17)
 SMALLEST_EFFECT = 0.01
+FIDELITY = ("kfac", "previous", "sgd")          # run by their code too (scripts/run_tko_code.py)
+FIDELITY_EPOCHS = (3, 4, 5)
+FIDELITY_TOLERANCE = 0.15                       # |ours - theirs| / theirs (issue 17, item 3)
+URL_TKO = "github.com/ntselepidis/KFAC-Pytorch"
 
 
 def tko_endpoints(results: Path, profile: str, panel: str) -> pd.DataFrame:
@@ -212,5 +223,89 @@ def c6_rows(results: Path, profile: str = "paper") -> list[tuple[str, str, str, 
     ]
 
 
+def mean_over_epochs(metrics: pd.DataFrame, epochs=FIDELITY_EPOCHS) -> float:
+    """Mean ``train_loss`` over the rows of ``epochs`` (1-based); NaN unless every one is there."""
+    rows = metrics[metrics["epoch"].isin(epochs)] if len(metrics) else metrics
+    if len(rows) < len(epochs) or rows["train_loss"].isna().any():
+        return float("nan")
+    return float(rows["train_loss"].mean())
+
+
+def our_fidelity_means(results: Path, profile: str, panel: str) -> dict[tuple[str, int], float]:
+    """(optimizer, seed) -> our complete runs' mean training loss over ``FIDELITY_EPOCHS``."""
+    means = {}
+    for record in iter_runs(Path(results) / "final" / profile / panel):
+        opt, metrics = record.summary.get("optimizer"), record.read_csv("metrics.csv")
+        if opt in FIDELITY and metrics is not None:
+            means[(opt, int(record.summary["seed"]))] = mean_over_epochs(metrics)
+    return means
+
+
+def their_runs(results: Path, panel: str) -> pd.DataFrame:
+    """``public_code/<panel>/runs.csv`` of ``scripts/run_tko_code.py`` with each run's mean training
+    loss over ``FIDELITY_EPOCHS`` read from its per-epoch CSV (empty frame when absent)."""
+    folder = Path(results) / "public_code" / panel
+    if not (folder / "runs.csv").exists():
+        return pd.DataFrame()
+    runs = pd.read_csv(folder / "runs.csv", dtype={"stderr_tail": str}, keep_default_na=False)
+    means = []
+    for run in runs["run"]:
+        path = folder / f"{run}.csv"
+        means.append(mean_over_epochs(pd.read_csv(path)) if path.exists() else np.nan)
+    return runs.assign(mean_3_5=means)
+
+
+def _fidelity_row(opt: str, seed: str, theirs: float, ours: float) -> dict:
+    rel = (ours - theirs) / theirs
+    return {"optimizer": LABELS[opt], "seed": seed, "their code": f"{theirs:.4f}", "ours": f"{ours:.4f}",
+            "relative difference": f"{100 * rel:+.1f} %",
+            f"within {FIDELITY_TOLERANCE:.0%}": "yes" if abs(rel) <= FIDELITY_TOLERANCE else "no"}
+
+
+def _failures_text(theirs: pd.DataFrame) -> str:
+    failed = theirs[theirs["status"] != "completed"]
+    if failed.empty:
+        return "Their code's failures: none.\n"
+    lines = []
+    for r in failed.itertuples():
+        tail = (r.stderr_tail or "-").replace("`", "'")
+        lines.append(f"- {LABELS.get(r.optimizer, r.optimizer)} seed {r.seed}: {r.status} after {r.epochs_completed} "
+                     f"complete epoch(s) of {r.epochs_requested} (`{tail}`)")
+    return "Their code's failures (not paired):\n\n" + "\n".join(lines) + "\n"
+
+
+def fidelity_table(results: Path, profile: str, panel: str = PANEL) -> str:
+    """Issue 17, item 3: per optimiser of ``FIDELITY`` and seed run by both, the mean training loss
+    over epochs 3-5 of their code and of ours (``convention=tko``, ``final/<profile>/<panel>``), the
+    relative difference (ours - theirs) / theirs and whether it is within ``FIDELITY_TOLERANCE``;
+    a row per optimiser for the means over those seeds; then their failed runs."""
+    theirs = their_runs(results, panel)
+    ours = our_fidelity_means(results, profile, panel)
+    if theirs.empty or not ours:
+        missing = [f"public_code/{panel}/runs.csv" if theirs.empty else None,
+                   f"final/{profile}/{panel}" if not ours else None]
+        return f"_no runs yet (nothing under {' and '.join(m for m in missing if m)})_\n"
+    rows = []
+    for opt in FIDELITY:
+        pairs = [(int(r.seed), r.mean_3_5, ours[(opt, int(r.seed))]) for r in theirs.itertuples()
+                 if r.optimizer == opt and (opt, int(r.seed)) in ours and np.isfinite(r.mean_3_5)
+                 and np.isfinite(ours[(opt, int(r.seed))])]
+        rows += [_fidelity_row(opt, str(seed), t, o) for seed, t, o in sorted(pairs)]
+        if len(pairs) > 1:
+            rows.append(_fidelity_row(opt, f"mean of {len(pairs)}", np.mean([p[1] for p in pairs]),
+                                      np.mean([p[2] for p in pairs])))
+    table = (pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True) if rows
+             else "_no seed with epochs 3-5 in both yet_")
+    commits = ", ".join(sorted({str(c)[:7] for c in theirs["commit"]}))
+    note = (f"\nMean training loss over epochs {FIDELITY_EPOCHS[0]}-{FIDELITY_EPOCHS[-1]} (the mean of the "
+            f"mini-batch losses of each epoch); their code: {URL_TKO} at {commits}, run by "
+            f"`scripts/run_tko_code.py` (`public_code/{panel}/`); ours: `final/{profile}/{panel}` "
+            f"(`convention=tko`). Their seed = our seed (teacher and data from seed + 1); the trajectories of "
+            f"the two codes part within steps (float32 rounding in a chaotic system, docs/protocol.md), so the "
+            f"row 'mean of n' (each code's mean over the seeds both ran) is the comparison, a seed's row "
+            f"its spread.\n\n")
+    return table + "\n" + note + _failures_text(theirs)
+
+
 TABLES = {"tko-paired": paired_table, "tko-descriptive": descriptive_table, "tko-secondary": secondary_table,
-          "tko-depth": depth_table}
+          "tko-depth": depth_table, "tko-fidelity": fidelity_table}

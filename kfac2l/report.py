@@ -9,8 +9,9 @@ A table lives between ``<!-- table:NAME -->`` and ``<!-- /table -->``; NAME is
 settings and, where recorded, the distance ratio of Figure 6 and the sign of the gap (4.6)),
 ``ablation:<profile>`` (Figure 7's arms), or one of ``kfac2l.evidence``'s tables (``paired``,
 ``secondary``, ``clip``, ``distance``, ``cost``, ``ablation-seed``, ``claims``, ``refbatch``) or of
-``kfac2l.evidence_tko``'s (``tko-paired``, ``tko-descriptive``, ``tko-secondary``, ``tko-depth``). An inline number
-lives between ``<!-- value:KEY -->`` and ``<!-- /value -->`` (keys: ``kfac2l.evidence.value``).
+``kfac2l.evidence_tko``'s (``tko-paired``, ``tko-descriptive``, ``tko-secondary``, ``tko-depth``,
+``tko-fidelity``). An inline number lives between ``<!-- value:KEY -->`` and ``<!-- /value -->``
+(keys: ``kfac2l.evidence.value``).
 Everything is read through ``kfac2l.runs``.
 """
 

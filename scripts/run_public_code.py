@@ -52,16 +52,22 @@ LAUNCHER = ("import sys, runpy, numpy as np, torch; np.Inf = np.inf; torch.set_n
             "runpy.run_path('apps/mlp_cnn/train_mlp.py', run_name='__main__')")
 
 
-def export(repo: str, commit: str, into: Path) -> None:
-    """Their Python files under ``TREES`` at ``commit``, written under ``into`` (``git show``; the
-    mirror may lack large data files, which the run does not read), with the CPU patch applied."""
-    listing = subprocess.run(["git", "-C", repo, "ls-tree", "-r", "--name-only", commit, *TREES], check=True,
+def export(repo: str, commit: str, into: Path, trees=TREES, patches=PATCHES) -> None:
+    """Their Python files under ``trees`` at ``commit``, written under ``into`` (``git show``; the
+    mirror may lack large data files, which the run does not read), with ``patches`` applied."""
+    listing = subprocess.run(["git", "-C", repo, "ls-tree", "-r", "--name-only", commit, *trees], check=True,
                              capture_output=True, text=True).stdout.split()
     for rel in (p for p in listing if p.endswith(".py")):
         blob = subprocess.run(["git", "-C", repo, "show", f"{commit}:{rel}"], check=True, capture_output=True).stdout
         (into / rel).parent.mkdir(parents=True, exist_ok=True)
         (into / rel).write_bytes(blob)
-    for rel, (old, new) in PATCHES.items():
+    apply_patches(into, patches, commit)
+
+
+def apply_patches(into: Path, patches: dict[str, tuple[str, str]], commit: str) -> None:
+    """Replace, in each file ``into/<rel>``, its one occurrence of ``old`` by ``new``; a file where
+    ``old`` occurs zero or several times (another commit) stops the script, naming file and count."""
+    for rel, (old, new) in patches.items():
         text = (into / rel).read_text()
         if text.count(old) != 1:
             raise SystemExit(f"run_public_code: expected one '{old}' in {rel} at {commit}; found {text.count(old)}")

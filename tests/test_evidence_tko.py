@@ -192,3 +192,53 @@ def test_reproduce_figure8_runs_the_plan_arms_of_its_panels(results, monkeypatch
     assert reproduce.main([*args, "--panels", "tko_toy", "tko_toy_depth14", "tko_toy_depth30"]) == 0
     assert launched == [(["tko", "tko_depth"], True)] and drawn[0][0] == 8
     assert reproduce.main(args[:2] + ["--results", str(results)]) == 2  # the arms are profile=paper
+
+
+def _their_run(folder, opt, seed, losses, status="completed", tail=""):
+    """A run of their code as scripts/run_tko_code.py writes it: per-epoch CSV and a runs.csv row."""
+    folder.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame({"epoch": range(1, len(losses) + 1), "train_loss": losses}).to_csv(
+        folder / f"{opt},seed={seed}.csv", index=False)
+    row = pd.DataFrame([{"run": f"{opt},seed={seed}", "optimizer": opt, "seed": seed, "status": status,
+                         "epochs_completed": len(losses), "epochs_requested": 5, "stderr_tail": tail,
+                         "commit": "2ff652ff0adef75ff16d37c80cbd4d147ba34cb5"}])
+    runs = folder / "runs.csv"
+    pd.concat([pd.read_csv(runs), row] if runs.exists() else [row]).to_csv(runs, index=False)
+
+
+def test_fidelity_table_by_hand(tmp_path):
+    """Epochs 3-5 means: KFAC seed 1 theirs 0.10, ours 0.11 (+10 %); seed 2 theirs 0.20, ours 0.15
+    (-25 %); their mean 0.15, ours 0.13 (-13.3 %); SGD seed 1 0.30 both. Their PREVIOUS failed
+    (assertion in epoch 1; out of memory after epoch 4): listed, not paired."""
+    theirs = tmp_path / "public_code" / "tko_toy"
+    _their_run(theirs, "kfac", 1, [0.5, 0.3, 0.09, 0.10, 0.11])
+    _their_run(theirs, "kfac", 2, [0.5, 0.3, 0.2, 0.2, 0.2])
+    _their_run(theirs, "kfac", 3, [0.5, 0.3, 0.2, 0.2, 0.2])   # no run of ours: left out
+    _their_run(theirs, "sgd", 1, [0.5, 0.4, 0.3, 0.3, 0.3])
+    _their_run(theirs, "previous", 1, [], "aborted (assertion)", "AssertionError: vg_sum should be positive")
+    _their_run(theirs, "previous", 2, [0.5, 0.3, 0.2, 0.2], "out of memory", "MemoryError")
+    for opt, seed, tail in (("kfac", 1, [0.11] * 3), ("kfac", 2, [0.14, 0.15, 0.16]), ("sgd", 1, [0.3] * 3),
+                            ("sgd", 2, [0.3] * 3), ("previous", 1, [0.1] * 3), ("previous", 2, [0.1] * 3)):
+        _write_run(tmp_path, "tko_toy", opt, seed, [0.6, 0.4, *tail, 0.05], profile="paper")  # epoch 6 ignored
+    table = evidence_tko.fidelity_table(tmp_path, "paper", "tko_toy")
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines() if line.startswith("| ")]
+    assert rows[0] == ["optimizer", "seed", "their code", "ours", "relative difference", "within 15%"]
+    assert rows[1:] == [["KFAC", "1", "0.1000", "0.1100", "+10.0 %", "yes"],
+                        ["KFAC", "2", "0.2000", "0.1500", "-25.0 %", "no"],
+                        ["KFAC", "mean of 2", "0.1500", "0.1300", "-13.3 %", "yes"],
+                        ["SGD", "1", "0.3000", "0.3000", "+0.0 %", "yes"]]
+    assert "- PREVIOUS seed 1: aborted (assertion) after 0 complete epoch(s) of 5" in table
+    assert "vg_sum should be positive" in table
+    assert "- PREVIOUS seed 2: out of memory after 4 complete epoch(s) of 5 (`MemoryError`)" in table
+    assert "at 2ff652f" in table
+
+
+def test_fidelity_mean_needs_all_three_epochs_and_missing_side_reads_no_runs(tmp_path):
+    assert evidence_tko.mean_over_epochs(pd.DataFrame({"epoch": [1, 2, 3, 4, 5], "train_loss": [9, 9, 1, 2, 6]})) == 3
+    assert np.isnan(evidence_tko.mean_over_epochs(pd.DataFrame({"epoch": [1, 2, 3, 4], "train_loss": [9, 9, 1, 2]})))
+    _write_run(tmp_path, "tko_toy", "kfac", 1, [0.6, 0.4, 0.1, 0.1, 0.1], profile="paper")
+    assert evidence_tko.fidelity_table(tmp_path, "paper", "tko_toy") == (
+        "_no runs yet (nothing under public_code/tko_toy/runs.csv)_\n")
+    shutil.rmtree(tmp_path / "final")
+    _their_run(tmp_path / "public_code" / "tko_toy", "kfac", 1, [0.5, 0.3, 0.1, 0.1, 0.1])
+    assert evidence_tko.fidelity_table(tmp_path, "paper", "tko_toy") == "_no runs yet (nothing under final/paper/tko_toy)_\n"
