@@ -429,6 +429,51 @@ def c4_rows(results: Path, profile: str = "paper", panel: str = "deep_linear_a")
             (*claims[2], f"{status}: {c_side}", c)]
 
 
+PUBLIC = Path("public_code") / "koroko_deep_linear_a"   # scripts/run_public_code.py's output, under results/
+FIDELITY_PANEL = "deep_linear_a_fidelity"                # our convention=authors runs beside it (seed 0 = their init)
+FIDELITY_EPOCHS = (1, 2, 3, 5, 8, 10, 20, 30, 44, 54, 70, 87, 100)
+
+
+def fidelity_table(results: Path, profile: str = "paper") -> str:
+    """Our ``convention=authors`` KFAC (panel ``deep_linear_a_fidelity``) beside the authors' public
+    code run by ``scripts/run_public_code.py`` (one column per NumPy seed of their Fisher-batch draw)
+    and their published run: training loss per epoch, and the largest relative difference between
+    ours and each run of their code over the epochs both ran."""
+    results = Path(results)
+    cols: dict[str, pd.DataFrame] = {}
+    for record in iter_runs(results / "final" / profile / FIDELITY_PANEL):
+        cols[f"ours, seed {record.summary['seed']}"] = record.read_csv("metrics.csv")
+    theirs = {}
+    if (results / PUBLIC / "runs.csv").exists():
+        for run in pd.read_csv(results / PUBLIC / "runs.csv").itertuples():
+            theirs[f"their code, NumPy seed {run.np_seed}"] = pd.read_csv(results / PUBLIC / f"{run.run}.csv")
+    published = results / "published" / "koroko" / "outputs_512" / "kfac.csv"
+    if not cols or not theirs:
+        return "_no runs yet (`scripts/run_public_code.py` and the deep_linear_a_fidelity runs)_\n"
+    cols.update(theirs)
+    if published.exists():
+        cols["published (their outputs_512/kfac.csv)"] = pd.read_csv(published)
+    loss = {k: v.set_index("epoch")["train_loss"] for k, v in cols.items()}
+    last = max(int(v.index.max()) for v in loss.values())
+    rows = [{"epoch": e, **{k: _g(v.get(e), 4) if e in v.index else "-" for k, v in loss.items()}}
+            for e in FIDELITY_EPOCHS if e <= last]
+    rows.append({"epoch": "best (epoch)", **{k: f"{_g(v.min(), 4)} ({int(v.idxmin())})" for k, v in loss.items()}})
+    ours = {k: v for k, v in loss.items() if k.startswith("ours")}
+    notes = []
+    for ko, vo in ours.items():
+        for kt, vt in loss.items():
+            if kt.startswith("their code"):
+                both = vo.index.intersection(vt.index)
+                rel = (vo[both] - vt[both]).abs() / vt[both]
+                beyond = rel[rel > 0.02]
+                notes.append(f"{ko} against {kt}: largest relative difference {100 * rel.max():.1f} % over epochs "
+                             f"1-{int(both.max())}, first above 2 % at "
+                             + (f"epoch {int(beyond.index.min())}" if len(beyond) else "no epoch"))
+    return pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True) + (
+        "\n\nTraining loss (mean of the epoch's mini-batch losses) per epoch; '-': the run had stopped (early "
+        "stopping, patience 10). " + "; ".join(notes) + ".\n")
+
+
 BENCH = Path("bench")  # under the results folder: committed benchmark records (python -m kfac2l.bench --out)
 
 

@@ -126,13 +126,15 @@ def render(name: str, results: Path) -> str:
         return evidence.claims_table(results, rest)
     if kind == "bench":
         return evidence.bench_table(results, rest)
+    if kind == "fidelity":
+        return evidence.fidelity_table(results, rest)
     if kind == "refbatch":
         return evidence.refbatch_table(results, rest)
     if kind in PANEL_TABLES:
         profile, _, panel = rest.partition(":")
         return PANEL_TABLES[kind](results, profile, panel)
     raise ValueError(f"unknown table {name!r}; valid: final:<profile>:<panel>, ablation:<profile>, bench:<panel>, "
-                     f"ablation-seed:<profile>, claims:<profile>, refbatch:<profile>, "
+                     f"ablation-seed:<profile>, claims:<profile>, refbatch:<profile>, fidelity:<profile>, "
                      f"{', '.join(PANEL_TABLES)}:<profile>:<panel>")
 
 

@@ -179,3 +179,25 @@ def _stand_in_selection(table: Path, optimizer: str) -> None:
     table.mkdir(parents=True, exist_ok=True)
     damping = None if optimizer in ("sgd", "adam") else 0.001
     (table / "best_settings.yaml").write_text(yaml.safe_dump({optimizer: {"lr": 0.01, "damping": damping}}))
+
+
+def test_fidelity_table_sets_our_runs_beside_the_public_codes(tmp_path):
+    import json as js
+
+    from kfac2l import evidence
+
+    run = tmp_path / "final" / "paper" / "deep_linear_a_fidelity" / "kfac" / "lr=0.01,damping=0.01,seed=0"
+    run.mkdir(parents=True)
+    pd.DataFrame({"epoch": [1, 2, 3], "train_loss": [1.0, 0.5, 0.404]}).to_csv(run / "metrics.csv", index=False)
+    (run / "summary.json").write_text(js.dumps({"optimizer": "kfac", "seed": 0, "status": "completed",
+                                                "complete": True}))
+    public = tmp_path / "public_code" / "koroko_deep_linear_a"
+    public.mkdir(parents=True)
+    pd.DataFrame({"epoch": [1, 2, 3], "train_loss": [1.0, 0.5, 0.4]}).to_csv(public / "kfac,np_seed=1.csv", index=False)
+    pd.DataFrame({"run": ["kfac,np_seed=1"], "np_seed": [1]}).to_csv(public / "runs.csv", index=False)
+    assert evidence.fidelity_table(tmp_path / "nothing").startswith("_no runs yet")
+    table = evidence.fidelity_table(tmp_path)
+    row3 = next(line for line in table.splitlines() if line.startswith("| 3 "))
+    assert [c.strip() for c in row3.strip("|").split("|")] == ["3", "0.404", "0.4"]
+    assert "largest relative difference 1.0 % over epochs 1-3, first above 2 % at no epoch" in table
+    assert "0.404 (3)" in table and "0.4 (3)" in table
