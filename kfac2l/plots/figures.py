@@ -149,6 +149,11 @@ def _width(n_cols: int) -> float:
     return max(4.4 * n_cols, 7.5)
 
 
+def _figure_name(figure: int) -> str:
+    """'Figure N (our runs, as the paper's Figure N)' for the paper's Figures 1-5, 'Figure N (ours)' after."""
+    return f"Figure {figure} (our runs, as the paper's Figure {figure})" if figure <= 5 else f"Figure {figure} (ours)"
+
+
 def _title(fig, text: str) -> None:
     fig.suptitle(textwrap.fill(text, 95), fontsize=9)
 
@@ -252,7 +257,8 @@ def _budget_note(results_root: Path, profile: str, panels: list[str]) -> str:
 
 
 SEED_LINES = ("Thin lines: one run (seed) each; bold: median over seeds, drawn only while every seed runs (x: the "
-              "first seed stops early); n = seeds")
+              "first seed stops early); n = seeds, per optimiser in the legend (it differs between optimisers while "
+              "runs land)")
 PAIRED_MARKS = ("dots per seed, bar the median, vertical line its bootstrap 95 % interval (n >= 9; not adjusted for "
                 "multiplicity")
 
@@ -285,7 +291,7 @@ def plot_loss_figure(figure: int, panels: list[str], root: Path, out: Path, prof
         if not paired.empty:
             plotted.append(paired.assign(panel=name, kind="paired"))
         summaries.append(summary_table(root / profile / name).assign(panel=name))
-    _title(fig, f"Figure {figure}: training loss per seed and paired differences to KFAC")
+    _title(fig, f"{_figure_name(figure)}: training loss per seed and paired differences to KFAC")
     _caption(fig, (
         f"{SEED_LINES}. Linear axis zoomed: the first epochs lie above the frame. Right: best training loss minus "
         f"KFAC's on the same seed, {PAIRED_MARKS}, the Holm-corrected tests are in docs/report.md). "
@@ -406,7 +412,7 @@ def plot_gap_figure(figure: int, panels: list[str], root: Path, out: Path, profi
             locator.set_params(numticks=6)
             ax.yaxis.set_major_locator(locator)
         ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
-    _title(fig, f"Figure {figure}: gap of eq. (4.6) (negative = closer to the natural gradient than KFAC){BN_NOTE} - "
+    _title(fig, f"{_figure_name(figure)}: gap of eq. (4.6) (negative = closer to the natural gradient than KFAC){BN_NOTE} - "
                 f"{_provenance(frames, profile)}")
     fig.tight_layout(rect=(0, 0, 1, 0.92))
     return _save(fig, out, figure, plotted, [])
@@ -444,7 +450,7 @@ def plot_distance_figure(figure: int, panels: list[str], root: Path, out: Path, 
         bottom.set_yscale("log")
         top.legend(fontsize=7, title="two-level (dotted: KFAC on the same run)", title_fontsize=7)
         bottom.legend(fontsize=7)
-    _title(fig, f"Figure {figure}: true squared F-distance to the exact natural-gradient step, running median over "
+    _title(fig, f"{_figure_name(figure)}: true squared F-distance to the exact natural-gradient step, running median over "
                 f"{SMOOTH} iterations{BN_NOTE} - "
                 f"{_provenance(frames, profile)}")
     fig.tight_layout(rect=(0, 0, 1, 0.92))
