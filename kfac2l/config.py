@@ -148,12 +148,18 @@ def run_identity(cfg: DictConfig, lr: float, opts: dict) -> dict:
         experiment["scheduler"] = scheduler_spec(cfg)
     if fisher_batch(cfg) != "resampled":
         profile["fisher_batch"] = fisher_batch(cfg)
+    budget = {"max_epochs": max_epochs(cfg), "patience": int(cfg.profile.patience)}
+    if not early_stopping(cfg):
+        budget["early_stopping"] = False
+    data = {"train_subset": cfg.profile.train_subset, "test_subset": cfg.profile.test_subset}
+    if last_batch(cfg) != "drop":
+        data["last_batch"] = last_batch(cfg)
     return {
         "experiment": experiment,
         "model": {"name": cfg.model.name, "init": cfg.model.init, "options": as_dict(cfg.model.options)},
         "dataset": dataset,
-        "data": {"train_subset": cfg.profile.train_subset, "test_subset": cfg.profile.test_subset},
-        "budget": {"max_epochs": max_epochs(cfg), "patience": int(cfg.profile.patience)},
+        "data": data,
+        "budget": budget,
         "profile": profile,
         "optimizer": {"name": cfg.optimizer.name, "lr": lr, "options": opts},
         "convention": cfg.convention.name,
@@ -176,6 +182,26 @@ def fisher_batch(cfg: DictConfig) -> str:
     """``convention.fisher_batch``: 'resampled' (default: fisher_fraction * B samples drawn from the
     mini-batch) or 'minibatch' (the mini-batch itself, Tselepidis et al.'s code)."""
     return str(cfg.convention.get("fisher_batch", "resampled"))
+
+
+LAST_BATCHES = ("drop", "keep")
+
+
+def last_batch(cfg: DictConfig) -> str:
+    """``convention.last_batch``: 'drop' (default: an epoch's last incomplete mini-batch is left
+    out, every step sees B samples) or 'keep' (it is a step of its own, a PyTorch DataLoader's
+    default, as in Tselepidis et al.'s train_toy.py:165: 391 steps of which the last has 40 samples)."""
+    return str(cfg.convention.get("last_batch", "drop"))
+
+
+def early_stopping(cfg: DictConfig) -> bool:
+    """``convention.early_stopping``: stop after ``profile.patience`` epochs without a lower
+    training loss (default true, the paper's protocol), or false: run every epoch of the budget
+    (Tselepidis et al.'s train_toy.py:205-211 has no stopping rule). ConfigError unless a boolean."""
+    value = cfg.convention.get("early_stopping", True)
+    if not isinstance(value, bool):
+        raise ConfigError(f"convention.early_stopping={value!r}; valid: true, false")
+    return value
 
 
 def distributed_options(cfg: DictConfig) -> dict | None:
@@ -229,6 +255,8 @@ def validate(cfg: DictConfig) -> tuple[float, dict]:
     _choice("model.init", cfg.model.init, INITS)
     _choice("task", cfg.experiment.task, list(TASKS))
     _choice("convention.fisher_batch", fisher_batch(cfg), FISHER_BATCHES)
+    _choice("convention.last_batch", last_batch(cfg), LAST_BATCHES)
+    early_stopping(cfg)
     problem = scheduler_problem(scheduler_spec(cfg))
     if problem:
         raise ConfigError(problem)

@@ -20,7 +20,9 @@ from kfac2l.config import (
     ConfigError,
     as_dict,
     distributed_options,
+    early_stopping,
     fisher_batch,
+    last_batch,
     max_epochs,
     resolve_device,
     scheduler_spec,
@@ -161,6 +163,7 @@ class Run:
         self.autocast, self.optimizer.grad_scaler = mixed_precision(cfg.get("precision", "float32"), self.device)
         self.scheduler = make_scheduler(scheduler_spec(cfg), self.optimizer.base)
         self.resample = fisher_batch(cfg) == "resampled"
+        self.early_stopping = early_stopping(cfg)
         pre = self.optimizer.preconditioner
         self.data_gen = torch.Generator().manual_seed(cfg.seed)
         self.fisher_gen = torch.Generator(device=self.device)
@@ -268,7 +271,7 @@ class Run:
 
     def _after_epoch(self, epoch: int, train_loss: float, t_start: float, wandb_run) -> str | None:
         """Record the epoch; 'diverged' (with the reason in ``self.reason``), 'stop' (patience
-        exhausted) or None."""
+        exhausted, unless ``convention.early_stopping`` is false) or None."""
         p = self.progress
         test_loss, test_acc = evaluate(self.model, self.task, self.data.x_test, self.data.y_test, self.device)
         p.elapsed = time.perf_counter() - t_start
@@ -286,7 +289,7 @@ class Run:
             p.best, p.best_epoch, p.since_best = train_loss, epoch, 0
         else:
             p.since_best += 1
-            if p.since_best >= self.cfg.profile.patience:
+            if self.early_stopping and p.since_best >= self.cfg.profile.patience:
                 return "stop"
         return None
 
@@ -299,7 +302,7 @@ class Run:
             atomic_write_text(self.out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
             wandb_run = _wandb_init(cfg, self.summary, self.out_dir, self.ident)
         batches = TensorBatches(self.data.x_train, self.data.y_train, cfg.experiment.batch_size, self.data_gen,
-                                self.device)
+                                self.device, drop_last=last_batch(cfg) == "drop")
         show = sys.stderr.isatty() if str(cfg.progress) == "auto" else str(cfg.progress).lower() == "true"
         status, error, self.reason = "running", None, None
         t_start = time.perf_counter() - p.elapsed

@@ -37,7 +37,8 @@ def _budget(summary: dict) -> str:
     budget = ident.get("budget") or {"max_epochs": summary.get("max_epochs")}
     data = ident.get("data") or {}
     batch = (ident.get("experiment") or {}).get("batch_size", summary.get("batch_size"))
-    return (f"max_epochs={budget.get('max_epochs')},patience={budget.get('patience')},"
+    stopping = "" if budget.get("early_stopping", True) else ",early_stopping=false"  # absent: on (older runs)
+    return (f"max_epochs={budget.get('max_epochs')},patience={budget.get('patience')}{stopping},"
             f"train_subset={data.get('train_subset')},batch_size={batch}")
 
 

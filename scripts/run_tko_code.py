@@ -30,7 +30,8 @@ data order from ``seed`` (train_toy.py:148, 165, 178-179). So ``--seeds 1 2 3`` 
 ``seed=1,2,3``.
 
 Their training loss per epoch is the mean of the mini-batch losses seen during the epoch, before
-each step (train_toy.py:88, 100: 391 batches, the last of 40 samples), as ours is (390 batches); the
+each step (train_toy.py:88, 100: 391 batches, the last of 40 samples), as ours is under
+``convention=tko`` (``convention.last_batch=keep``); the
 test loss the mean of the per-batch means (train_toy.py:131). Their code is fragile (issue 17): its
 two-level run can stop on its own assertion ``vg_sum > 0`` (gkfac.py:213-214) and its memory grows
 from epoch to epoch. Each run therefore runs under an address-space limit (``--mem-gb``,

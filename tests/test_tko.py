@@ -226,3 +226,97 @@ def test_resumed_run_with_a_scheduler_matches_the_uninterrupted_run(tmp_path, mo
     assert lrs["cut"] == lrs["whole"]
     a, b = (pd.read_csv(tmp_path / d / "metrics.csv") for d in ("whole", "cut"))
     assert a["train_loss"].tolist() == b["train_loss"].tolist() and a["test_loss"].tolist() == b["test_loss"].tolist()
+
+
+def test_last_batch_keep_is_a_step_of_its_own():
+    """convention.last_batch=keep: the permutation cut into batches of B with the rest as a last,
+    smaller batch (a DataLoader's drop_last=False, their train_toy.py:165); drop: the rest is left out."""
+    from kfac2l.data import TensorBatches
+
+    x, y = torch.arange(10.0)[:, None], torch.arange(10)
+    perm = torch.randperm(10, generator=torch.Generator().manual_seed(3))
+    expected = [perm[0:4], perm[4:8], perm[8:10]]
+    for drop_last, count in ((False, 3), (True, 2)):
+        batches = TensorBatches(x, y, 4, torch.Generator().manual_seed(3), torch.device("cpu"), drop_last=drop_last)
+        got = list(batches)
+        assert len(batches) == len(got) == count
+        for (bx, by), idx in zip(got, expected):
+            assert torch.equal(by, idx) and torch.equal(bx[:, 0], idx.float())
+    exact = TensorBatches(x, y, 5, torch.Generator(), torch.device("cpu"), drop_last=False)
+    assert len(exact) == len(list(exact)) == 2  # no empty last batch when B divides N
+
+
+def test_convention_tko_loop_ingredients_and_identity(tmp_path):
+    """convention=tko turns early stopping off and keeps the last batch; each is a single option;
+    they enter the run identity only when used, so paper and authors identities do not move."""
+    from kfac2l.config import early_stopping, last_batch, optimizer_options, run_identity, validate
+    from kfac2l.train import ConfigError
+
+    def identity(overrides):
+        cfg = _cfg(overrides)
+        return cfg, run_identity(cfg, *optimizer_options(cfg))
+
+    cfg, tko = identity(["experiment=tko_toy", "convention=tko", "optimizer.damping=1e-3"])
+    assert early_stopping(cfg) is False and last_batch(cfg) == "keep"
+    assert tko["budget"]["early_stopping"] is False and tko["data"]["last_batch"] == "keep"
+    for convention in ("paper", "authors"):
+        cfg, ident = identity(["experiment=tko_toy", f"convention={convention}"])
+        assert early_stopping(cfg) is True and last_batch(cfg) == "drop"
+        assert set(ident["budget"]) == {"max_epochs", "patience"}
+        assert set(ident["data"]) == {"train_subset", "test_subset"}
+    cfg, single = identity(["experiment=tko_toy", "convention.early_stopping=false"])
+    assert early_stopping(cfg) is False and last_batch(cfg) == "drop" and "last_batch" not in single["data"]
+    cfg, single = identity(["experiment=tko_toy", "convention.last_batch=keep"])
+    assert early_stopping(cfg) is True and "early_stopping" not in single["budget"]
+    from kfac2l.select import _budget  # runs with and without early stopping are never selected together
+
+    stopped = {"identity": {"budget": {"max_epochs": 5, "patience": 10}, "experiment": {"batch_size": 64}}}
+    assert _budget(stopped) == "max_epochs=5,patience=10,train_subset=None,batch_size=64"
+    stopped["identity"]["budget"]["early_stopping"] = False
+    assert _budget(stopped) == "max_epochs=5,patience=10,early_stopping=false,train_subset=None,batch_size=64"
+    with pytest.raises(ConfigError, match=r"^unknown convention.last_batch 'all'; valid: drop, keep$"):
+        validate(_cfg(["experiment=tko_toy", "convention.last_batch=all", f"dataset.root={tmp_path}"]))
+    with pytest.raises(ConfigError, match=r"^convention.early_stopping='no'; valid: true, false$"):
+        validate(_cfg(["experiment=tko_toy", "convention.early_stopping=no", f"dataset.root={tmp_path}"]))
+
+
+@pytest.mark.parametrize("stopping, epochs", [("true", 2), ("false", 4)])
+def test_early_stopping_off_runs_every_epoch(tmp_path, monkeypatch, stopping, epochs):
+    """A training loss that never improves: with patience 1 early stopping ends the run after epoch
+    2 (one epoch without improvement); convention.early_stopping=false runs all 4 epochs."""
+    from kfac2l import train as runner
+
+    monkeypatch.setattr(runner.Run, "_epoch", lambda self, *args: 1.0)
+    cfg = _cfg(["experiment=tko_toy", "optimizer=sgd", "optimizer.damping=null", "model.depth=2",
+                "profile.train_subset=128", "profile.test_subset=64", "profile.max_epochs=4", "profile.patience=1",
+                f"convention.early_stopping={stopping}", "device=cpu"])
+    summary = runner.train(cfg, tmp_path / "run")
+    assert summary["status"] == "completed" and summary["epochs_run"] == epochs
+
+
+@pytest.mark.parametrize("keep, sizes", [("keep", [64] * 20 + [20]), ("drop", [64] * 20)])
+def test_last_batch_in_a_run(tmp_path, monkeypatch, keep, sizes):
+    """1300 training samples, batch 64: last_batch=keep trains 21 steps an epoch, the last on the
+    20 remaining samples; drop trains 20. The epoch loss is the mean over the steps taken."""
+    import pandas as pd
+
+    from kfac2l import loop
+
+    seen, losses = [], []
+    step = loop.training_step
+
+    def recording(model, optimizer, task, x, *args, **kwargs):
+        seen.append(x.shape[0])
+        losses.append(step(model, optimizer, task, x, *args, **kwargs))
+        return losses[-1]
+
+    monkeypatch.setattr(loop, "training_step", recording)
+    cfg = _cfg(["experiment=tko_toy", "convention=tko", "optimizer=kfac", "optimizer.damping=1e-3", "model.depth=2",
+                "profile.train_subset=1300", "profile.test_subset=64", "profile.max_epochs=1",
+                f"convention.last_batch={keep}", "device=cpu"])
+    from kfac2l.train import train
+
+    train(cfg, tmp_path / "run")
+    row = pd.read_csv(tmp_path / "run" / "metrics.csv").iloc[0]
+    assert seen == sizes and row["iterations"] == len(sizes)
+    assert row["train_loss"] == torch.stack(losses).mean().item()  # every step weighs 1 / steps

@@ -70,16 +70,20 @@ class DataSplits:
 
 
 class TensorBatches:
-    """Shuffled mini-batches of in-memory (device-resident) tensors, last incomplete batch dropped."""
+    """Shuffled mini-batches of in-memory (device-resident) tensors; the last incomplete batch is
+    dropped (default) or, with ``drop_last=False``, kept as a smaller last batch (a PyTorch
+    ``DataLoader``'s default, which Tselepidis et al.'s train_toy.py:165 uses)."""
 
-    def __init__(self, x, y, batch_size: int, generator: torch.Generator, device: torch.device):
+    def __init__(self, x, y, batch_size: int, generator: torch.Generator, device: torch.device,
+                 drop_last: bool = True):
         if batch_size > x.shape[0]:
             raise ValueError(f"batch_size={batch_size} exceeds the {x.shape[0]} training samples")
         self.x, self.y = x.to(device), (y.to(device) if y is not None else None)
-        self.batch_size, self.generator = batch_size, generator
+        self.batch_size, self.generator, self.drop_last = batch_size, generator, drop_last
 
     def __len__(self) -> int:
-        return self.x.shape[0] // self.batch_size
+        whole, rest = divmod(self.x.shape[0], self.batch_size)
+        return whole + (0 if self.drop_last or rest == 0 else 1)
 
     def __iter__(self):
         perm = torch.randperm(self.x.shape[0], generator=self.generator).to(self.x.device)
