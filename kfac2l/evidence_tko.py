@@ -46,6 +46,7 @@ from kfac2l.evidence import (
     censored_median,
     checkpoint_cells,
     endpoints,
+    failures_ranked_worst,
     paired_markdown,
     split_significant,
 )
@@ -61,7 +62,6 @@ PAPER_PANEL = "tko_toy_paper"
 PROTOCOLS = {PANEL: "their protocol (convention=tko)", PAPER_PANEL: "the paper's protocol (convention=paper)"}
 DESCRIPTIVE = (*TKO_OTHERS, "adam")            # 3 seeds: median paired difference only
 CHECKPOINTS = (1, 2, 5, 10)
-FAILED = ("diverged", "failed")  # statuses that take the worst rank
 THRESHOLDS = (0.15, 0.12)
 # declared with the rule, a convention (no published effect size to anchor it): about 10 % of the
 # loss level one seed-0 run of their KFAC reached (0.089-0.115 from epoch 4, issue 17)
@@ -75,13 +75,8 @@ URL_TKO = "github.com/ntselepidis/KFAC-Pytorch"
 def tko_endpoints(results: Path, profile: str, panel: str) -> pd.DataFrame:
     """The endpoints of a toy-problem panel: the defaults plus the declared secondary ones; a run
     that diverged or failed gets the worst primary endpoint (the panel's largest finite one plus 1)."""
-    frame = endpoints(Path(results), profile, panel, CHECKPOINTS, THRESHOLDS, True).copy()
-    if frame.empty:
-        return frame
-    failed = frame["status"].isin(FAILED)
-    finite = frame.loc[~failed, ENDPOINT].replace([float("inf")], float("nan")).dropna()
-    frame.loc[failed, ENDPOINT] = (finite.max() if len(finite) else 0.0) + 1.0
-    return frame
+    frame = endpoints(Path(results), profile, panel, CHECKPOINTS, THRESHOLDS, True)
+    return frame if frame.empty else failures_ranked_worst(frame, ENDPOINT)
 
 
 def _no_runs(profile: str, panel: str) -> str:

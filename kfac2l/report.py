@@ -10,8 +10,8 @@ settings and, where recorded, the distance ratio of Figure 6 and the sign of the
 ``ablation:<profile>`` (Figure 7's arms), or one of ``kfac2l.evidence``'s tables (``paired``,
 ``secondary``, ``clip``, ``distance``, ``cost``, ``ablation-seed``, ``claims``, ``refbatch``) or of
 ``kfac2l.evidence_tko``'s (``tko-paired``, ``tko-descriptive``, ``tko-secondary``, ``tko-depth``,
-``tko-fidelity``). An inline number lives between ``<!-- value:KEY -->`` and ``<!-- /value -->``
-(keys: ``kfac2l.evidence.value``).
+``tko-fidelity``) or of ``kfac2l.evidence_standin``'s (``standin``, ``standin-c1``). An inline
+number lives between ``<!-- value:KEY -->`` and ``<!-- /value -->`` (keys: ``kfac2l.evidence.value``).
 Everything is read through ``kfac2l.runs``.
 """
 
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from kfac2l import evidence, evidence_tko
+from kfac2l import evidence, evidence_standin, evidence_tko
 from kfac2l.io import atomic_write_text
 from kfac2l.names import LABELS, ORDER
 from kfac2l.plots.figures import ABLATION
@@ -110,7 +110,8 @@ def ablation_table(results: Path, profile: str) -> str:
 
 PANEL_TABLES = {"paired": evidence.paired_table, "secondary": evidence.secondary_table, "clip": evidence.clip_table,
                 "distance": evidence.distance_table, "cost": evidence.cost_table,
-                "selection": evidence.selection_table, **evidence_tko.TABLES}
+                "selection": evidence.selection_table, **evidence_tko.TABLES,
+                **evidence_standin.TABLES}
 
 
 def render(name: str, results: Path) -> str:
