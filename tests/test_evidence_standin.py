@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+import pandas as pd
 import pytest
 from test_plots import _write_run
 
@@ -96,3 +98,16 @@ def test_no_runs_keeps_c1_c2_untestable(tmp_path):
     claims = evidence.claims_table(tmp_path)
     assert "stand-in runs pending" in next(line for line in claims.splitlines() if line.startswith("| C1 "))
     assert "no runs yet" in standin_table(tmp_path, "paper")
+
+
+def test_figure9_draws_the_stand_in_from_run_files_and_says_so(results):
+    from kfac2l.plots.figures import PANELS, _figure_name, plot_figure
+
+    paths = plot_figure(9, results, "paper")
+    assert paths["figure"].stat().st_size > 10_000
+    data = pd.read_csv(paths["data"])
+    paired = data[(data["kind"] == "paired") & (data["optimizer"] == "residu")].sort_values("seed")
+    assert np.allclose(paired["paired_difference"], [-3.0, -3.0, -3.0])  # same seed, best minus KFAC's best
+    kfac = data[(data["kind"] != "paired") & (data["optimizer"] == "kfac")].sort_values("epoch")
+    assert np.allclose(kfac["train_loss"], [152.0, 107.0, 102.0])  # per-epoch median over the 3 seeds
+    assert "STAND-IN" in PANELS[PANEL].title and "STAND-IN" in _figure_name(9)

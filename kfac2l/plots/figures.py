@@ -149,9 +149,15 @@ def _width(n_cols: int) -> float:
     return max(4.4 * n_cols, 7.5)
 
 
+STANDIN_FIGURES = {9: "STAND-IN for the paper's Figure 2 (claims C1/C2)"}
+
+
 def _figure_name(figure: int) -> str:
-    """'Figure N (our runs, as the paper's Figure N)' for the paper's Figures 1-5, 'Figure N (ours)' after."""
-    return f"Figure {figure} (our runs, as the paper's Figure {figure})" if figure <= 5 else f"Figure {figure} (ours)"
+    """'Figure N (our runs, as the paper's Figure N)' for the paper's Figures 1-5, 'Figure N (ours)'
+    after, and the stand-in's label where the figure is one."""
+    if figure <= 5:
+        return f"Figure {figure} (our runs, as the paper's Figure {figure})"
+    return f"Figure {figure} (ours" + (f", {STANDIN_FIGURES[figure]})" if figure in STANDIN_FIGURES else ")")
 
 
 def _title(fig, text: str) -> None:
