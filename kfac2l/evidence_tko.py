@@ -38,13 +38,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from kfac2l.analysis import MIN_PAIRS, Comparison, family, paired_differences
+from kfac2l.analysis import MIN_PAIRS, Comparison, family, interim, paired_differences
 from kfac2l.evidence import (
     _g,
     _p,
     _present,
     censored_median,
     checkpoint_cells,
+    direction,
     endpoints,
     failures_ranked_worst,
     paired_markdown,
@@ -64,7 +65,8 @@ DESCRIPTIVE = (*TKO_OTHERS, "adam")            # 3 seeds: median paired differen
 CHECKPOINTS = (1, 2, 5, 10)
 THRESHOLDS = (0.15, 0.12)
 # declared with the rule, a convention (no published effect size to anchor it): about 10 % of the
-# loss level one seed-0 run of their KFAC reached (0.089-0.115 from epoch 4, issue 17)
+# loss level of their KFAC (committed runs of their code, public_code/tko_toy: epochs 3-5 means of
+# seeds 1-10 between 0.098 and 0.122)
 SMALLEST_EFFECT = 0.01
 FIDELITY = ("kfac", "previous", "sgd")          # run by their code too (scripts/run_tko_code.py)
 FIDELITY_EPOCHS = (3, 4, 5)
@@ -175,13 +177,15 @@ def claim_status(results: Path, optimizer: str = "previous", profile: str = "pap
     ``panel`` (Holm over its 3 comparisons), by the rule declared before the runs (issue 17):
 
     - *not yet tested*: no pair with KFAC;
-    - *descriptive only: in line with / against the claim*: n < MIN_PAIRS (direction of the median
-      paired difference; no p-value);
+    - *descriptive only: in line with / against the claim / no clear direction*: n < MIN_PAIRS (the
+      median paired difference below -SMALLEST_EFFECT / above +SMALLEST_EFFECT / between; no
+      p-value; the dead zone amended 2026-12-02, session 7, before any toy run);
     - *reproduced*: lower than KFAC at Holm 0.05;
     - *contradicted*: higher than KFAC at Holm 0.05;
     - *not reproduced*: no difference and the bootstrap interval excludes a gain of
       SMALLEST_EFFECT (its lower bound above -SMALLEST_EFFECT);
-    - *inconclusive*: no difference and a gain of SMALLEST_EFFECT not excluded.
+    - *inconclusive*: no difference and a gain of SMALLEST_EFFECT not excluded;
+    - at MIN_PAIRS <= n < PLANNED_PAIRS each of these marked interim.
 
     C6 is this status for PREVIOUS (Tselepidis et al.'s method) at their protocol; NICO (C6b) and
     PREVIOUS at the paper's protocol (C6c) get the same rule, each as a row of its own."""
@@ -192,16 +196,19 @@ def claim_status(results: Path, optimizer: str = "previous", profile: str = "pap
     text = (f"{_differences_text(comps)}; {PROTOCOLS.get(panel, panel)}; endpoint: {ENDPOINT_NAME}; paired Wilcoxon, "
             f"Holm over {len(FAMILY)}")
     if comp.n < MIN_PAIRS:
-        side = "in line with the claim" if comp.median_diff < 0 else "against the claim"
-        return f"descriptive only: {side}", f"n = {comp.n} pairs (< {MIN_PAIRS}): {text}"
+        lower, higher = direction([comp.median_diff], SMALLEST_EFFECT)
+        side = "in line with the claim" if lower else "against the claim" if higher else "no clear direction"
+        return f"descriptive only: {side}", (f"n = {comp.n} pairs (< {MIN_PAIRS}), dead zone +-{SMALLEST_EFFECT}: "
+                                             f"{text}")
     lower, higher = split_significant([comp])
+    mark = interim(comp.n)
     if lower:
-        return "reproduced", f"{LABELS[optimizer]} lower than KFAC at Holm 0.05; {text}"
+        return "reproduced" + mark, f"{LABELS[optimizer]} lower than KFAC at Holm 0.05; {text}"
     if higher:
-        return "contradicted", f"{LABELS[optimizer]} higher than KFAC at Holm 0.05; {text}"
+        return "contradicted" + mark, f"{LABELS[optimizer]} higher than KFAC at Holm 0.05; {text}"
     if comp.ci_low > -SMALLEST_EFFECT:
-        return "not reproduced", f"no difference; the interval excludes a gain of {SMALLEST_EFFECT}; {text}"
-    return "inconclusive", f"no difference at Holm 0.05; a gain of {SMALLEST_EFFECT} is not excluded; {text}"
+        return "not reproduced" + mark, f"no difference; the interval excludes a gain of {SMALLEST_EFFECT}; {text}"
+    return "inconclusive" + mark, f"no difference at Holm 0.05; a gain of {SMALLEST_EFFECT} is not excluded; {text}"
 
 
 def c6_rows(results: Path, profile: str = "paper") -> list[tuple[str, str, str, str]]:
@@ -269,6 +276,21 @@ def _failures_text(theirs: pd.DataFrame) -> str:
     return "Their code's failures (not paired):\n\n" + "\n".join(lines) + "\n"
 
 
+def _their_summary(theirs: pd.DataFrame) -> str:
+    """Their code's runs alone: per optimiser, the runs completed of those started and the mean
+    training loss over ``FIDELITY_EPOCHS``, mean [min, max] over the completed seeds."""
+    rows = []
+    for opt in [o for o in FIDELITY if o in set(theirs["optimizer"])]:
+        sub = theirs[theirs["optimizer"] == opt]
+        done = sub[np.isfinite(sub["mean_3_5"].astype(float))]
+        seeds = ", ".join(str(s) for s in sorted(done["seed"].astype(int)))
+        rows.append({"optimizer": LABELS[opt], "runs completed": f"{len(done)} of {len(sub)}", "seeds": seeds,
+                     f"their code, epochs {FIDELITY_EPOCHS[0]}-{FIDELITY_EPOCHS[-1]}: mean [min, max]":
+                     f"{done['mean_3_5'].mean():.4f} [{done['mean_3_5'].min():.4f}, {done['mean_3_5'].max():.4f}]"
+                     if len(done) else "-"})
+    return pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True) + "\n"
+
+
 def fidelity_table(results: Path, profile: str, panel: str = PANEL) -> str:
     """Issue 17, item 3: per optimiser of ``FIDELITY`` and seed run by both, the mean training loss
     over epochs 3-5 of their code and of ours (``convention=tko``, ``final/<profile>/<panel>``), the
@@ -276,10 +298,11 @@ def fidelity_table(results: Path, profile: str, panel: str = PANEL) -> str:
     a row per optimiser for the means over those seeds; then their failed runs."""
     theirs = their_runs(results, panel)
     ours = our_fidelity_means(results, profile, panel)
-    if theirs.empty or not ours:
-        missing = [f"public_code/{panel}/runs.csv" if theirs.empty else None,
-                   f"final/{profile}/{panel}" if not ours else None]
-        return f"_no runs yet (nothing under {' and '.join(m for m in missing if m)})_\n"
+    if theirs.empty:
+        return f"_no runs yet (nothing under public_code/{panel}/runs.csv)_\n"
+    if not ours:
+        return (_their_summary(theirs) + f"\nOur runs: none yet under final/{profile}/{panel}.\n\n"
+                + _failures_text(theirs))
     rows = []
     for opt in FIDELITY:
         pairs = [(int(r.seed), r.mean_3_5, ours[(opt, int(r.seed))]) for r in theirs.itertuples()

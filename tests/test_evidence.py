@@ -201,3 +201,63 @@ def test_fidelity_table_sets_our_runs_beside_the_public_codes(tmp_path):
     assert [c.strip() for c in row3.strip("|").split("|")] == ["3", "0.404", "0.4"]
     assert "largest relative difference 1.0 % over epochs 1-3, first above 2 % at no epoch" in table
     assert "0.404 (3)" in table and "0.4 (3)" in table
+
+
+def test_c5_within_the_noise_when_a_ratio_does_not_exceed_the_reference_pairs_spread(tmp_path):
+    from kfac2l import evidence
+    from kfac2l.bench import write_record
+
+    ref = ({"kfac": 1.1, "sgd": 1.0}, {"kfac": 1.5, "sgd": 1.0})  # KFAC/SGD 1.1 and 1.5: a factor 1.5/1.1 = 1.36
+    rows = [{"optimizer": o, "paper": {"amortised_vs_kfac": r, "steps": 20, "ref_median_s": ref[i % 2]}}
+            for i, (o, r) in enumerate((("kfac", 1.0), ("nico", 1.3), ("spectral", 1.9)))]
+    write_record(str(tmp_path / "bench" / "deep_linear_a_cpu.json"), rows, ["--problems", "deep_linear_a"])
+    status, text = evidence.c5_status(tmp_path)
+    assert status == "descriptive only: within the noise" and "a factor 1.36" in text  # NICO 1.3 < 1.36
+    rows[1]["paper"]["amortised_vs_kfac"] = 1.4
+    write_record(str(tmp_path / "bench" / "deep_linear_a_cpu.json"), rows, ["--problems", "deep_linear_a"])
+    assert evidence.c5_status(tmp_path)[0] == "descriptive only: in line with the claim"
+
+
+def _c(opt, n, median, p_holm=None, ci_low=None):
+    from kfac2l.analysis import Comparison
+
+    return Comparison(opt, "kfac", n, median, ci_low, None if ci_low is None else 0.01, 0, p_holm, p_holm)
+
+
+@pytest.mark.parametrize("medians, n, p_holm, status", [
+    ((-0.03, -0.03, -0.03, -0.01, 0.0, 0.0), 5, None, "descriptive only: no clear direction"),  # 3 of 6 below
+    ((-0.03, -0.03, -0.03, -0.03, 0.0, 0.0), 5, None, "descriptive only: in line with the claim"),
+    ((0.03, 0.03, 0.03, 0.03, -0.01, 0.0), 5, None, "descriptive only: against the claim"),
+    ((-0.01,) * 6, 5, None, "descriptive only: no clear direction"),   # below 0 but inside the dead zone
+    ((-0.03,) * 6, 9, 0.01, "reproduced (interim: n = 9 of 10)"),
+    ((-0.03,) * 6, 10, 0.01, "reproduced"),
+    ((0.0,) * 6, 10, 0.5, "not reproduced"),
+])
+def test_c3_rule(monkeypatch, medians, n, p_holm, status):
+    from kfac2l import evidence
+
+    comps = [_c(o, n, m, p_holm, None if p_holm is None else -0.01) for o, m in zip(evidence.PAPER_TWO_LEVEL, medians)]
+    monkeypatch.setattr(evidence, "comparisons", lambda *a, **k: comps)
+    assert evidence.c3_status("unused")[0] == status
+
+
+@pytest.mark.parametrize("ratios, gap_share, b, c", [
+    ((0.4, 0.5, 0.3), 1.0, "in line with the claim", "in line with the claim"),
+    ((0.4, 0.9, 0.3), 0.995, "mixed", "in line with the claim"),
+    ((0.7, 0.9, 1.1), 0.9, "against the claim", "mixed"),
+    ((0.7, 0.9, 1.1), 0.018, "against the claim", "against the claim"),
+])
+def test_c4_rules_follow_the_claims_words(monkeypatch, ratios, gap_share, b, c):
+    from kfac2l import evidence
+
+    frame = pd.DataFrame([{"optimizer": o, "damping": 0.01, "ratio": r, "closer_share": 1.0, "gap_negative": 1.0,
+                           "kfac_rel": 1.0} for o, r in zip(("nico", "spectral", "residu"), ratios)]
+                         + [{"optimizer": "previous", "damping": 0.001, "ratio": 1.0, "closer_share": 0.0,
+                             "gap_negative": gap_share, "kfac_rel": 1.2}])
+    monkeypatch.setattr(evidence, "_distance_frame", lambda *a, **k: frame)
+    a_row, b_row, c_row = evidence.c4_rows("unused")
+    assert a_row[2] == "holds by construction (check passed)"
+    assert b_row[2] == f"descriptive only: {b}" and c_row[2] == f"descriptive only: {c}"
+    frame.loc[1, "gap_negative"] = 0.97  # one multiplicative run with a positive gap: the check fails
+    a_row = evidence.c4_rows("unused")[0]
+    assert a_row[2] == "check failed" and "SPECTRAL below 100 %" in a_row[3]

@@ -71,12 +71,22 @@ def test_c1_directions(results):
 
 def test_c1_against_when_the_baselines_win(tmp_path):
     for seed, best in KFAC.items():
-        for opt in ("kfac", "nico"):
+        for opt in ("kfac", "nico", "residu", "previous"):
             _run(tmp_path, opt, seed, best)
-        _run(tmp_path, "adam", seed, best - 1.0)
+        for opt in ("adam", "sgd"):
+            _run(tmp_path, opt, seed, best - 1.0)
     evidence.endpoints.cache_clear()
     assert c1_status(tmp_path)[0] == "tested on a stand-in; descriptive only: against the claim"
     evidence.endpoints.cache_clear()
+
+
+def test_no_reading_before_the_declared_design_is_complete(results):
+    run = next((results / "final" / "paper" / PANEL / "adam").glob("*seed=3"))
+    (run / "summary.json").write_text(json.dumps({**json.loads((run / "summary.json").read_text()),
+                                                  "complete": False}))
+    evidence.endpoints.cache_clear()
+    for status, text in (c1_status(results), c2_status(results)):
+        assert status == "not yet tested" and "17 of 18 declared runs complete" in text
 
 
 def test_standin_table_and_claims_rows(results):
