@@ -475,8 +475,8 @@ def c4_rows(results: Path, profile: str = "paper", panel: str = "deep_linear_a")
     b = (f"{prefix}median squared-distance ratio two-level / KFAC {_g(mult['ratio'].min(), 4)} to "
          f"{_g(mult['ratio'].max(), 4)} ('much closer': at most {MUCH_CLOSER}); KFAC's relative distance along "
          f"each run (median per run; median over the runs) {_g(frame['kfac_rel'].median(), 3)} "
-         f"[{_g(frame['kfac_rel'].min(), 3)}, {_g(frame['kfac_rel'].max(), 3)}] (the zero step has 1); each run at its own selected damping "
-         f"({dampings}): damping confounds the comparison (the matched arm removes it)")
+         f"[{_g(frame['kfac_rel'].min(), 3)}, {_g(frame['kfac_rel'].max(), 3)}] (the zero step has 1); each run at "
+         f"its own selected damping ({dampings}): damping confounds the comparison (the matched arm removes it)")
     share = add["gap_negative"].median() if len(add) else np.nan
     c_side = ("in line with the claim" if share >= THROUGHOUT else "against the claim" if share <= 0.5
               else "mixed")
