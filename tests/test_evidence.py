@@ -261,3 +261,18 @@ def test_c4_rules_follow_the_claims_words(monkeypatch, ratios, gap_share, b, c):
     frame.loc[1, "gap_negative"] = 0.97  # one multiplicative run with a positive gap: the check fails
     a_row = evidence.c4_rows("unused")[0]
     assert a_row[2] == "check failed" and "SPECTRAL below 100 %" in a_row[3]
+
+
+def test_distance_values_for_the_reports_prose(monkeypatch):
+    from kfac2l import evidence
+
+    frame = pd.DataFrame({"optimizer": ["nico", "kry-nico", "previous"], "damping": [0.01, 0.1, 0.001],
+                          "ratio": [0.9, 0.7, 1.001], "closer_share": [1.0, 1.0, 0.02], "gap_negative": [1.0, 1.0, 0.02],
+                          "kfac_rel": [1.1, 1.4, 1.04]})
+    monkeypatch.setattr(evidence, "_distance_frame", lambda *a, **k: frame)
+    key = "distance:paper:deep_linear_a:{}"
+    assert evidence.value(key.format("removed:max:multiplicative"), "unused") == "30"   # 100 (1 - 0.7)
+    assert evidence.value(key.format("ratio:min:multiplicative"), "unused") == "0.7"
+    assert evidence.value(key.format("ratio:median:previous"), "unused") == "1.001"
+    assert evidence.value(key.format("kfac_rel:min:all"), "unused") == "1.04"
+    assert evidence.value(key.format("closer_pct:median:previous"), "unused") == "2"

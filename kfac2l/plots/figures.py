@@ -346,7 +346,7 @@ def plot_ablation_figure(figure: int, panels: list[str], root: Path, out: Path, 
                        label=arm.label if seed == 1 else None)
         seed_rows.append(best.assign(arm=arm.name))
     ax.set_xticks(range(len(opts)), [LABELS[o] for o in opts], rotation=60, fontsize=7)
-    ax.set_ylabel("best training loss (filled: seed 1; hollow: seeds 2-3)")
+    ax.set_ylabel("best training loss (filled: seed 1; hollow: other seeds)")
     ax.set_title("best training loss per arm, seed by seed", fontsize=10)
     if len(table):
         ax.legend(fontsize=7)
@@ -374,8 +374,9 @@ def plot_ablation_figure(figure: int, panels: list[str], root: Path, out: Path, 
         f" damping {AUTHORS_SETTINGS[o][1]:g}" if AUTHORS_SETTINGS[o][1] else "") for o in ("kfac", "adam", "sgd"))
     _title(fig, "Figure 7 (ours): ablation on deep linear A at the authors' selected settings")
     _caption(fig, (
-        f"Settings: {settings}; two-level as KFAC. Left: every run's best training loss, seed 1 filled (every "
-        f"optimiser ran seed 1 in every arm: compare filled with filled), seeds 2-3 hollow. Right: median over seeds "
+        f"Settings: {settings}; two-level as KFAC. Left: every committed run's best training loss, seed 1 filled "
+        f"(compare filled with filled; a missing filled marker: that seed-1 run is not committed), other seeds "
+        f"hollow. Right: median over seeds "
         f"with min-max band while every seed runs (x: the first stops), linear axis zoomed (first epochs above the "
         f"frame). {_provenance(frames, profile)}."), 190)
     fig.tight_layout(rect=(0, 0.08, 1, 0.92))
