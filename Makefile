@@ -56,7 +56,7 @@ status: $(STAMP)
 readme: $(STAMP)
 	$(BIN)/python scripts/report.py
 
-# Do the committed results still reproduce at this commit? 2 epochs of one run per optimiser and arm, bit for bit.
+# Do the committed results still reproduce at this commit? 2 epochs of one run per optimiser, arm and commit, bit for bit.
 recheck: $(STAMP) fashion-mnist
 	OMP_NUM_THREADS=1 $(BIN)/python scripts/recheck.py
 

@@ -1,7 +1,7 @@
 """Do the committed results still reproduce at this commit? ``python -m kfac2l.recheck``
 
-For one committed run per (arm, optimiser) under ``results/final/<profile>/`` it reruns the first
-``--epochs`` epochs (default 2) from the run's own ``config.yaml`` and the lr and damping its
+For one committed run per (arm, optimiser, commit) under ``results/final/<profile>/`` it reruns
+the first ``--epochs`` epochs (default 2) from the run's own ``config.yaml`` and the lr and damping its
 ``summary.json`` records, in a temporary folder, with the run's thread count, and compares the
 per-epoch training and test losses with the committed ``metrics.csv`` **bit for bit** (the float
 values as written, no tolerance). It prefers a run without diagnostics (faster; diagnostics do not
@@ -45,17 +45,18 @@ class Check:
 
 
 def pick_runs(root: Path) -> list[RunRecord]:
-    """One complete run per (arm folder, optimiser): no diagnostics first, then the lowest seed."""
+    """One complete run per (arm folder, optimiser, commit it was made with): no diagnostics first,
+    then the lowest seed; so every code version that made committed runs is rechecked."""
     chosen: dict[tuple, RunRecord] = {}
     for record in iter_runs(root):
-        key = (record.path.parent.parent, record.summary.get("optimizer"))
+        key = (record.path.parent.parent, record.summary.get("optimizer"), str(record.summary.get("git_commit")))
         opts = record.summary.get("options") or {}
         rank = (bool(opts.get("diagnostics")), int(record.summary.get("seed", 0)))
         best = chosen.get(key)
         if best is None or rank < (bool((best.summary.get("options") or {}).get("diagnostics")),
                                    int(best.summary.get("seed", 0))):
             chosen[key] = record
-    return [chosen[k] for k in sorted(chosen, key=lambda k: (str(k[0]), str(k[1])))]
+    return [chosen[k] for k in sorted(chosen, key=lambda k: tuple(map(str, k)))]
 
 
 def rerun_config(record: RunRecord, epochs: int, out_root: Path, data_root: str | None):

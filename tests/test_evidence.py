@@ -4,6 +4,7 @@ record, the bit-for-bit recheck of committed runs, and docs/report.md in sync wi
 from __future__ import annotations
 
 import gzip
+import json
 from pathlib import Path
 
 import numpy as np
@@ -114,6 +115,10 @@ def test_recheck_reproduces_a_run_bit_for_bit_and_reports_a_changed_file(data_ro
               root / "panel" / opt / f"seed={seed}")
     picked = pick_runs(root)
     assert sorted((r.summary["optimizer"], r.summary["seed"]) for r in picked) == [("kfac", 1), ("sgd", 1)]
+    seed2 = root / "panel" / "kfac" / "seed=2" / "summary.json"  # as if made with another commit
+    seed2.write_text(json.dumps({**json.loads(seed2.read_text()), "git_commit": "0" * 40}))
+    assert sorted((r.summary["optimizer"], r.summary["seed"]) for r in pick_runs(root)) == [
+        ("kfac", 1), ("kfac", 2), ("sgd", 1)]  # one run per commit
     kfac = next(r for r in picked if r.summary["optimizer"] == "kfac")
     assert check_run(kfac, epochs=2).ok
     metrics = kfac.path / "metrics.csv"
