@@ -25,6 +25,8 @@ with one thread per run (the joblib launcher runs two at a time). Arms:
   tko_paper  issue 17: the toy problem at the paper's protocol (convention=paper, batch 512, no lr
              schedule): the small grid over 10 epochs of seed 0 (KFAC, PREVIOUS, NICO, SGD, ADAM),
              the selection (``kfac2l.select``), then KFAC, PREVIOUS, NICO, SGD seeds 1-10 at it
+  standin_b  issue 17, item 8: STAND-IN, deep linear B's architecture on Fashion-MNIST, KFAC, NICO,
+             SGD, ADAM at their deep-linear-A settings, seed 1, 10 epochs (descriptive)
 
 A step is a ``kfac2l.train -m`` multirun (its overrides) or, where it starts with ``kfac2l.select``,
 the selection between an arm's grid and its final runs. Figure 8 draws the three tko arms
@@ -94,6 +96,7 @@ def arms(results: Path, launcher: str) -> dict[str, list[list[str]]]:
                         "diagnostics=true", "exact_reference=true", f"reference_fisher_batch={n}"]
                        for n in REFBATCH_SIZES]
     out["select11"] = _select11(results, launcher)
+    out["standin_b"] = standin_b_arm(results, launcher)
     out.update(tko_arms(results, launcher))
     return out
 
@@ -104,7 +107,8 @@ TKO_DEPTHS = (14, 30, 62, 126)                # hidden blocks: 16, 32, 64, 128 l
 TKO_PAPER_GRID_EPOCHS = 10
 SELECT = "kfac2l.select"                      # a step that starts with this runs the selection
 # the arm that makes each panel of Figure 8 (kfac2l.reproduce --figure 8 runs these, then draws)
-PANEL_ARMS = {"tko_toy": "tko", "tko_toy_paper": "tko_paper", **{f"tko_toy_depth{d}": "tko_depth" for d in TKO_DEPTHS}}
+PANEL_ARMS = {"tko_toy": "tko", "tko_toy_paper": "tko_paper", **{f"tko_toy_depth{d}": "tko_depth" for d in TKO_DEPTHS},
+              "deep_linear_b_fmnist": "standin_b"}
 
 
 def _tko_base(results: Path, launcher: str, name: str, convention: str) -> list[str]:
@@ -176,6 +180,23 @@ def _at_selected(results: Path, launcher: str, name: str, optimizers, extra: lis
     best = read_selection(table) if (table / "best_settings.yaml").exists() else {}
     return [[*_base(results, launcher, name), f"optimizer={o}", f"optimizer.lr={best[o]['lr']:g}",
              f"optimizer.damping={best[o]['damping']:g}", *extra] for o in optimizers if o in best]
+
+
+STANDIN_B = "deep_linear_b_fmnist"
+STANDIN_B_EPOCHS = 10
+
+
+def standin_b_arm(results: Path, launcher: str) -> list[list[str]]:
+    """Issue 17, item 8 (only if the budget is left): the deep linear B architecture on Fashion-MNIST,
+    a stand-in for C3 on the paper's Figure 4b: KFAC and NICO at KFAC's selected setting on deep
+    linear A (lr 1e-2, damping 1e-3), SGD at its (lr 1e-2) and ADAM at its (lr 1e-3), seed 1,
+    10 epochs, no grid (descriptive)."""
+    base = ["experiment=deep_linear_b_fmnist", "profile=paper", f"launcher={launcher}",
+            f"paths.tables={results / 'tables'}", f"paths.runs={results / 'final'}", "seed=1",
+            f"profile.max_epochs={STANDIN_B_EPOCHS}"]
+    return [[*base, "optimizer=kfac,nico", f"optimizer.lr={MATCHED['lr']}", f"optimizer.damping={MATCHED['damping']}"],
+            [*base, "optimizer=sgd", "optimizer.lr=0.01", "optimizer.damping=null"],
+            [*base, "optimizer=adam", "optimizer.lr=0.001", "optimizer.damping=null"]]
 
 
 def _select11(results: Path, launcher: str) -> list[list[str]]:

@@ -5,6 +5,7 @@
                                [--grid-epochs 10] [--diagnostic-seeds 1]
     python -m kfac2l.reproduce --figure 7 --profile paper      # the ablation (fixed settings, no grid)
     python -m kfac2l.reproduce --figure 8 --profile paper      # the toy problem: kfac2l.plan's tko arms
+    (a panel listed in ``kfac2l.plan.PANEL_ARMS`` is made by its plan arm, the others by the grid)
 
 Every step is idempotent: sweep cells and final runs whose summary.json is complete are skipped,
 so rerunning after an interruption redoes only what is missing. Layout under ``results/``:
@@ -149,17 +150,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     seeds = args.seeds or default_seeds(args.profile)
     results = Path(args.results)
-    if any(p in PANEL_ARMS for p in panels):
-        if args.profile != "paper":
-            print(f"kfac2l.reproduce: figure {args.figure} runs kfac2l.plan's arms {sorted(set(PANEL_ARMS.values()))}, "
-                  f"which are profile=paper; got --profile {args.profile}; valid: --profile paper", file=sys.stderr)
-            return 2
-        run_plan_panels(panels, args.launcher, results)
+    planned = [p for p in panels if p in PANEL_ARMS]   # panels whose runs are kfac2l.plan arms
+    if planned and args.profile != "paper":
+        print(f"kfac2l.reproduce: figure {args.figure} runs kfac2l.plan's arms "
+              f"{sorted({PANEL_ARMS[p] for p in planned})}, which are profile=paper; got --profile {args.profile}; "
+              "valid: --profile paper", file=sys.stderr)
+        return 2
+    if planned:
+        run_plan_panels(planned, args.launcher, results)
+    if len(planned) == len(panels):
         for path in plot_figure(args.figure, results, args.profile, panels).values():
             print(f"  {path}")
         return 0
     available = []
-    for name in panels:  # a panel whose data is missing is reported and left out, before any training
+    for name in [p for p in panels if p not in PANEL_ARMS]:  # missing data: reported and left out, before training
         try:
             check_data(PANELS[name], args.profile, args.data)
             available.append(name)

@@ -114,11 +114,14 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"kfac2l.status: {err}", file=sys.stderr)
         return 2
-    if any(p in PANEL_ARMS for p in panels):
-        print(f"kfac2l.status: figure {args.figure}'s runs are kfac2l.plan arms, not a grid; "
-              f"`python -m kfac2l.plan --only {' '.join(dict.fromkeys(PANEL_ARMS[p] for p in panels))}` lists them "
+    planned = [p for p in panels if p in PANEL_ARMS]
+    if planned:
+        print(f"kfac2l.status: the runs of {', '.join(planned)} are kfac2l.plan arms, not a grid; "
+              f"`python -m kfac2l.plan --only {' '.join(dict.fromkeys(PANEL_ARMS[p] for p in planned))}` lists them "
               "and `make evidence-paired` skips the complete ones", file=sys.stderr)
-        return 2
+        panels = [p for p in panels if p not in PANEL_ARMS]
+        if not panels:
+            return 2
     seeds = args.seeds or default_seeds(args.profile)
     try:
         table = status_table(args.figure, panels, args.profile, args.grid or args.profile, seeds, Path(args.results))

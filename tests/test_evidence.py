@@ -147,7 +147,7 @@ def test_every_planned_run_composes_and_validates(tmp_path):
 
     plan = arms(REPO / "results", "local")
     assert set(plan) == {"selected", "matched", "noclip", "clipgrid", "select11", "exactref", "refbatch", "tko",
-                         "tko_depth", "tko_paper"}
+                         "tko_depth", "tko_paper", "standin_b"}
     names = set()
     for calls in plan.values():
         for overrides in [c for c in calls if c[0] != SELECT]:
@@ -159,7 +159,8 @@ def test_every_planned_run_composes_and_validates(tmp_path):
             validate(cfg)
             names.add(cfg.experiment.name)
     assert {"deep_linear_a", "deep_linear_a_matched", "deep_linear_a_noclip", "deep_linear_a_select11", "tko_toy",
-            "tko_toy_depth126", "deep_linear_a_refbatch32", "deep_linear_a_refbatch512", "tko_toy_paper"} <= names
+            "tko_toy_depth126", "deep_linear_a_refbatch32", "deep_linear_a_refbatch512", "tko_toy_paper",
+            "deep_linear_b_fmnist"} <= names
     grid, _, select, final = plan["tko_paper"]
     assert select[:3] == [SELECT, "--experiment", "tko_toy_paper"]
     assert f"paths.runs={select[select.index('--runs') + 1]}" in grid

@@ -121,3 +121,19 @@ def test_figure9_draws_the_stand_in_from_run_files_and_says_so(results):
     kfac = data[(data["kind"] != "paired") & (data["optimizer"] == "kfac")].sort_values("epoch")
     assert np.allclose(kfac["train_loss"], [152.0, 107.0, 102.0])  # per-epoch median over the 3 seeds
     assert "STAND-IN" in PANELS[PANEL].title and "STAND-IN" in _figure_name(9)
+
+
+def test_reproduce_figure9_runs_the_grid_panel_and_the_plan_arm_of_the_other(tmp_path, monkeypatch):
+    """Figure 9 mixes a grid panel (the AE stand-in) with a plan panel (deep linear B's): each is made
+    its own way, then the figure is drawn once from both."""
+    from kfac2l import reproduce
+
+    launched, grids, drawn = [], [], []
+    monkeypatch.setattr(reproduce, "run_arms", lambda plan, names, run: launched.append(names))
+    monkeypatch.setattr(reproduce, "check_data", lambda *a: None)
+    monkeypatch.setattr(reproduce, "run_panel", lambda panel, *a: grids.append(panel.name))
+    monkeypatch.setattr(reproduce, "plot_figure", lambda *args: drawn.append(args[0]) or {})
+    monkeypatch.setattr(reproduce, "summary_table", lambda *a: pd.DataFrame())
+    args = ["--figure", "9", "--profile", "paper", "--results", str(tmp_path), "--grid", "demo"]
+    assert reproduce.main(args) == 0
+    assert launched == [["standin_b"]] and grids == [PANEL] and drawn == [9]

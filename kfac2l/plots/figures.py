@@ -64,6 +64,9 @@ PANELS: dict[str, Panel] = {p.name: p for p in [
     # ours: stand-ins and Tselepidis et al.'s toy problem (issue 17)
     Panel("mnist_ae_fmnist", "mnist_ae_fmnist", "STAND-IN: MNIST AE architecture on Fashion-MNIST", diagnostics=True,
           optimizers=("kfac", "nico", "residu", "previous", "adam", "sgd")),
+    # its runs come from kfac2l.plan's arm standin_b (no grid), never from the figure pipeline's grid
+    Panel("deep_linear_b_fmnist", "deep_linear_b_fmnist", "STAND-IN: deep linear B architecture on Fashion-MNIST",
+          optimizers=("kfac", "nico", "adam", "sgd")),
     # the toy problem's runs come from kfac2l.plan's arms (PANEL_ARMS), never from a grid here
     Panel("tko_toy", "tko_toy", "TKO toy problem, their protocol (convention=tko)",
           optimizers=(*TKO_PRIMARY, *TKO_OTHERS, "adam", "sgd")),
@@ -119,8 +122,8 @@ FIGURES: dict[int, list[str]] = {
     5: ["curves_ae_bs128", "mnist_ae_bs1024", "faces_ae_bs2048", "cuda_convnet"],
     6: ["curves_ae_bs128", "mnist_ae_bs1024", "faces_ae_bs2048", "cuda_convnet"],
     7: [v.panel for v in ABLATION],
-    8: list(PANEL_ARMS),  # ours: Tselepidis et al.'s toy problem (C6), drawn from kfac2l.plan's tko arms
-    9: ["mnist_ae_fmnist"],  # ours: the stand-in for C1/C2 (Figure 8 is reserved for the toy problem)
+    8: [p for p in PANEL_ARMS if p.startswith("tko_toy")],  # ours: the toy problem (C6), kfac2l.plan's tko arms
+    9: ["mnist_ae_fmnist", "deep_linear_b_fmnist"],  # ours: the stand-ins (C1/C2; C3 on Figure 4b's network)
 }
 
 
@@ -149,7 +152,7 @@ def _width(n_cols: int) -> float:
     return max(4.4 * n_cols, 7.5)
 
 
-STANDIN_FIGURES = {9: "STAND-IN for the paper's Figure 2 (claims C1/C2)"}
+STANDIN_FIGURES = {9: "STAND-INs for the paper's Figures 2 and 4b (claims C1/C2, C3)"}
 
 
 def _figure_name(figure: int) -> str:
