@@ -19,7 +19,7 @@ Declared in this module before any of its runs (docs/report.md, "Stand-in"):
   for each two-level method (``TWO_LEVEL``) the median paired difference to KFAC relative to KFAC's
   median endpoint; *in line with the claim* when every one is within ``OVERLAY`` (2 %, a
   convention: no published effect size anchors it), *against the claim* when none is, *mixed*
-  otherwise.
+  otherwise; a method with a failed run (or KFAC with one on its seed) is not within.
 
 Tables (``<!-- table:KIND:PROFILE:PANEL -->``, registered in ``kfac2l.report``): ``standin`` (per
 optimiser, with the paired difference to KFAC) and ``standin-c1`` (the baseline-minus-method
@@ -34,8 +34,9 @@ import numpy as np
 import pandas as pd
 
 from kfac2l.analysis import paired_differences
-from kfac2l.evidence import _g, endpoints, failures_ranked_worst
+from kfac2l.evidence import FAILED, _g, endpoints, failures_ranked_worst
 from kfac2l.names import LABELS, ORDER
+from kfac2l.runs import iter_runs
 
 PANEL = "mnist_ae_fmnist"
 ENDPOINT = "best"
@@ -48,9 +49,19 @@ LABEL = "STAND-IN (MNIST AE architecture on Fashion-MNIST)"
 
 
 def standin_endpoints(results: Path, profile: str, panel: str = PANEL) -> pd.DataFrame:
-    """The stand-in's complete runs with their endpoints; failed runs ranked worst."""
+    """The stand-in's runs with their endpoints: the complete ones, plus a row for every run that
+    failed or diverged before its first epoch (no metrics); every failed or diverged run ranked worst."""
     frame = endpoints(Path(results), profile, panel)
+    have = set(zip(frame["optimizer"], frame["seed"])) if not frame.empty else set()
+    lost = [{"optimizer": r.summary.get("optimizer"), "seed": int(r.summary.get("seed")), "status": r.summary["status"],
+             ENDPOINT: np.nan} for r in iter_runs(Path(results) / "final" / profile / panel, complete_only=False)
+            if r.summary.get("status") in FAILED and (r.summary.get("optimizer"), int(r.summary.get("seed"))) not in have]
+    frame = pd.concat([frame, pd.DataFrame(lost)], ignore_index=True) if lost else frame
     return frame if frame.empty else failures_ranked_worst(frame, ENDPOINT)
+
+
+def _failed(frame: pd.DataFrame) -> pd.Series:
+    return frame["status"].isin(FAILED)
 
 
 def _no_runs(profile: str, panel: str) -> str:
@@ -69,17 +80,22 @@ def standin_table(results: Path, profile: str, panel: str = PANEL) -> str:
     frame = standin_endpoints(results, profile, panel)
     if frame.empty:
         return _no_runs(profile, panel)
-    kfac = frame[frame["optimizer"] == "kfac"][ENDPOINT].median()
+    ok = frame[~_failed(frame)]
+    kfac = ok[ok["optimizer"] == "kfac"][ENDPOINT].median()
     rows = []
     for opt in [o for o in ORDER if o in set(frame["optimizer"])]:
-        sub = frame[frame["optimizer"] == opt]
-        failed = int(sub["status"].isin(("diverged", "failed")).sum())
+        sub, fine = frame[frame["optimizer"] == opt], ok[ok["optimizer"] == opt][ENDPOINT]
+        failed = int(_failed(sub).sum())
         d = paired_differences(frame, opt, "kfac", ENDPOINT) if opt != "kfac" else pd.Series(dtype=float)
+        # a pair with a failed run has a rank, not a loss: its differences are not printed as numbers
+        clean = not _failed(frame[frame["optimizer"].isin([opt, "kfac"])]).any()
         rows.append({"optimizer": LABELS[opt], "runs": f"{len(sub)}" + (f" ({failed} failed)" if failed else ""),
-                     "best loss, median [min, max]": f"{_g(sub[ENDPOINT].median(), 4)} "
-                                                     f"[{_g(sub[ENDPOINT].min(), 4)}, {_g(sub[ENDPOINT].max(), 4)}]",
-                     "paired difference to KFAC, median": f"{d.median():+.4g}" if len(d) else "-",
-                     "relative to KFAC's median": f"{100 * d.median() / kfac:+.2f} %" if len(d) and kfac else "-",
+                     "best loss, median [min, max] (runs that did not fail)":
+                         f"{_g(fine.median(), 4)} [{_g(fine.min(), 4)}, {_g(fine.max(), 4)}]" if len(fine) else "-",
+                     "paired difference to KFAC, median": "-" if not len(d) else f"{d.median():+.4g}" if clean
+                     else "n/a (failed run)",
+                     "relative to KFAC's median": f"{100 * d.median() / kfac:+.2f} %" if len(d) and clean and kfac
+                     else "-",
                      "lower than KFAC on": f"{int((d < 0).sum())}/{len(d)} seeds" if len(d) else "-"})
     return (pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True)
             + f"\n\n{LABEL}. Best epoch training loss; difference = optimiser - KFAC on the same seed (negative: "
@@ -147,15 +163,19 @@ def c2_status(results: Path, profile: str = "paper", panel: str = PANEL) -> tupl
         return None
     if (pending := _incomplete(frame)) is not None:
         return pending
-    kfac = frame[frame["optimizer"] == "kfac"][ENDPOINT].median()
+    ok = frame[~_failed(frame)]
+    kfac = ok[ok["optimizer"] == "kfac"][ENDPOINT].median()
     diffs = {o: _median_difference(frame, o, "kfac") for o in TWO_LEVEL}
     diffs = {o: v for o, v in diffs.items() if v[1]}
-    if not diffs or not kfac:
+    if not diffs or not np.isfinite(kfac) or kfac == 0:
         return None
-    relative = {o: med / kfac for o, (med, _) in diffs.items()}
-    within = [abs(r) <= OVERLAY for r in relative.values()]
+    # a method (or KFAC) with a failed run does not overlay KFAC, whatever its rank-filled difference
+    broken = {o for o in diffs if _failed(frame[frame["optimizer"].isin([o, "kfac"])]).any()}
+    relative = {o: np.nan if o in broken else med / kfac for o, (med, _) in diffs.items()}
+    within = [o not in broken and abs(r) <= OVERLAY for o, r in relative.items()]
     n = min(n for _, n in diffs.values())
-    text = ", ".join(f"{LABELS[o]} {100 * r:+.2f} %" for o, r in relative.items())
+    text = ", ".join(f"{LABELS[o]} " + ("a failed run" if o in broken else f"{100 * r:+.2f} %")
+                     for o, r in relative.items())
     return (f"tested on a stand-in; descriptive only: {_direction(within)}",
             f"{LABEL}, n = {n} pairs: median paired difference to KFAC relative to KFAC's median best loss: {text} "
             f"(overlay: within {100 * OVERLAY:g} %); the CNN half (CIFAR-10/100, SVHN) not testable here")

@@ -25,8 +25,8 @@ with one thread per run (the joblib launcher runs two at a time). Arms:
   tko_paper  issue 17: the toy problem at the paper's protocol (convention=paper, batch 512, no lr
              schedule): the small grid over 10 epochs of seed 0 (KFAC, PREVIOUS, NICO, SGD, ADAM),
              the selection (``kfac2l.select``), then KFAC, PREVIOUS, NICO, SGD seeds 1-10 at it
-  standin_b  issue 17, item 8: STAND-IN, deep linear B's architecture on Fashion-MNIST, KFAC, NICO,
-             SGD, ADAM at their deep-linear-A settings, seed 1, 10 epochs (descriptive)
+  standin_b  issue 17, item 8: STAND-IN, deep linear B's architecture on Fashion-MNIST: KFAC and NICO
+             at KFAC's deep-linear-A setting, SGD and ADAM at theirs, seed 1, 10 epochs (descriptive)
 
 A step is a ``kfac2l.train -m`` multirun (its overrides) or, where it starts with ``kfac2l.select``,
 the selection between an arm's grid and its final runs. Figure 8 draws the three tko arms

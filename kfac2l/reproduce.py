@@ -118,8 +118,9 @@ def run_ablation_arm(panel, profile: str, launcher: str, results: Path, data: st
 
 
 def run_plan_panels(panels: list[str], launcher: str, results: Path) -> None:
-    """Panels whose runs are ``kfac2l.plan`` arms (Figure 8): each arm once, in the panels' order;
-    complete runs are skipped, interrupted ones resume (the arms fix their own settings and seeds)."""
+    """Panels whose runs are ``kfac2l.plan`` arms (Figure 8, Figure 9's deep linear B): each arm once,
+    in the panels' order; complete runs are skipped, interrupted ones resume (the arms fix their own
+    settings and seeds)."""
     run_arms(arms(results, launcher), list(dict.fromkeys(PANEL_ARMS[p] for p in panels)), run=True)
 
 
@@ -151,19 +152,17 @@ def main(argv: list[str] | None = None) -> int:
     seeds = args.seeds or default_seeds(args.profile)
     results = Path(args.results)
     planned = [p for p in panels if p in PANEL_ARMS]   # panels whose runs are kfac2l.plan arms
+    gridded = [p for p in panels if p not in PANEL_ARMS]
     if planned and args.profile != "paper":
-        print(f"kfac2l.reproduce: figure {args.figure} runs kfac2l.plan's arms "
-              f"{sorted({PANEL_ARMS[p] for p in planned})}, which are profile=paper; got --profile {args.profile}; "
-              "valid: --profile paper", file=sys.stderr)
-        return 2
-    if planned:
-        run_plan_panels(planned, args.launcher, results)
-    if len(planned) == len(panels):
-        for path in plot_figure(args.figure, results, args.profile, panels).values():
-            print(f"  {path}")
-        return 0
+        message = (f"kfac2l.reproduce: {', '.join(planned)} of figure {args.figure} come from kfac2l.plan's arms "
+                   f"{sorted({PANEL_ARMS[p] for p in planned})}, which are profile=paper; got --profile {args.profile}")
+        if not gridded:
+            print(f"{message}; valid: --profile paper", file=sys.stderr)
+            return 2
+        print(f"{message}: left out", file=sys.stderr)
+        panels, planned = gridded, []
     available = []
-    for name in [p for p in panels if p not in PANEL_ARMS]:  # missing data: reported and left out, before training
+    for name in panels:  # a panel whose data is missing is reported and left out, before any training
         try:
             check_data(PANELS[name], args.profile, args.data)
             available.append(name)
@@ -171,6 +170,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"kfac2l.reproduce: panel {name} of figure {args.figure} cannot run here: {err}", file=sys.stderr)
     if not available:
         return 3
+    if planned := [p for p in available if p in PANEL_ARMS]:
+        run_plan_panels(planned, args.launcher, results)
+    available = [p for p in available if p not in PANEL_ARMS]
+    if not available:
+        for path in plot_figure(args.figure, results, args.profile, panels).values():
+            print(f"  {path}")
+        return 0
     start = time.perf_counter()
     for name in available:
         if args.figure == 7:

@@ -256,9 +256,9 @@ def test_c3_rule(monkeypatch, medians, n, p_holm, status):
 def test_c4_rules_follow_the_claims_words(monkeypatch, ratios, gap_share, b, c):
     from kfac2l import evidence
 
-    frame = pd.DataFrame([{"optimizer": o, "damping": 0.01, "ratio": r, "closer_share": 1.0, "gap_negative": 1.0,
-                           "kfac_rel": 1.0} for o, r in zip(("nico", "spectral", "residu"), ratios)]
-                         + [{"optimizer": "previous", "damping": 0.001, "ratio": 1.0, "closer_share": 0.0,
+    frame = pd.DataFrame([{"optimizer": o, "damping": 0.01, "seed": 1, "ratio": r, "closer_share": 1.0,
+                           "gap_negative": 1.0, "kfac_rel": 1.0} for o, r in zip(("nico", "spectral", "residu"), ratios)]
+                         + [{"optimizer": "previous", "damping": 0.001, "seed": 1, "ratio": 1.0, "closer_share": 0.0,
                              "gap_negative": gap_share, "kfac_rel": 1.2}])
     monkeypatch.setattr(evidence, "_distance_frame", lambda *a, **k: frame)
     a_row, b_row, c_row = evidence.c4_rows("unused")
@@ -267,12 +267,18 @@ def test_c4_rules_follow_the_claims_words(monkeypatch, ratios, gap_share, b, c):
     frame.loc[1, "gap_negative"] = 0.97  # one multiplicative run with a positive gap: the check fails
     a_row = evidence.c4_rows("unused")[0]
     assert a_row[2] == "check failed" and "SPECTRAL below 100 %" in a_row[3]
+    frame.loc[1, "gap_negative"] = np.nan  # a run that did not record the gap fails the check too
+    assert evidence.c4_rows("unused")[0][2] == "check failed"
+    only_previous = frame[frame["optimizer"] == "previous"]
+    monkeypatch.setattr(evidence, "_distance_frame", lambda *a, **k: only_previous)
+    a_row, b_row, c_row = evidence.c4_rows("unused")
+    assert a_row[2] == b_row[2] == "not testable here" and c_row[2] == f"descriptive only: {c}"
 
 
 def test_distance_values_for_the_reports_prose(monkeypatch):
     from kfac2l import evidence
 
-    frame = pd.DataFrame({"optimizer": ["nico", "kry-nico", "previous"], "damping": [0.01, 0.1, 0.001],
+    frame = pd.DataFrame({"optimizer": ["nico", "kry-nico", "previous"], "damping": [0.01, 0.1, 0.001], "seed": 1,
                           "ratio": [0.9, 0.7, 1.001], "closer_share": [1.0, 1.0, 0.02], "gap_negative": [1.0, 1.0, 0.02],
                           "kfac_rel": [1.1, 1.4, 1.04]})
     monkeypatch.setattr(evidence, "_distance_frame", lambda *a, **k: frame)

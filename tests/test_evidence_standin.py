@@ -137,3 +137,21 @@ def test_reproduce_figure9_runs_the_grid_panel_and_the_plan_arm_of_the_other(tmp
     args = ["--figure", "9", "--profile", "paper", "--results", str(tmp_path), "--grid", "demo"]
     assert reproduce.main(args) == 0
     assert launched == [["standin_b"]] and grids == [PANEL] and drawn == [9]
+    launched.clear(), grids.clear(), drawn.clear()
+    quick = ["--figure", "9", "--profile", "quick", "--results", str(tmp_path), "--grid", "demo"]
+    assert reproduce.main(quick) == 0  # the plan arm is profile=paper: left out, the grid panel still runs
+    assert launched == [] and grids == [PANEL] and drawn == [9]
+
+
+def test_a_failed_run_without_metrics_counts_ranked_worst_and_never_overlays(results):
+    run = next((results / "final" / "paper" / PANEL / "nico").glob("*seed=2"))
+    (run / "metrics.csv").unlink()  # failed before its first epoch: no metrics, not complete
+    (run / "summary.json").write_text(json.dumps({**json.loads((run / "summary.json").read_text()),
+                                                  "status": "failed", "complete": False}))
+    evidence.endpoints.cache_clear()
+    frame = standin_endpoints(results, "paper").set_index(["optimizer", "seed"])
+    assert frame.loc[("nico", 2), "best"] == 124.0  # the largest finite best loss (SGD seed 3, 123) plus 1
+    status, text = c2_status(results)
+    assert status == "tested on a stand-in; descriptive only: mixed" and "NICO a failed run" in text
+    nico = next(line for line in standin_table(results, "paper").splitlines() if line.startswith("| NICO"))
+    assert "(1 failed)" in nico and "n/a (failed run)" in nico
