@@ -238,11 +238,20 @@ def _c(opt, n, median, p_holm=None, ci_low=None):
     ((-0.03,) * 6, 9, 0.01, "reproduced (interim: n = 9 of 10)"),
     ((-0.03,) * 6, 10, 0.01, "reproduced"),
     ((0.0,) * 6, 10, 0.5, "not reproduced"),
+    ((-0.03, -0.03, 0.0, 0.0, 0.0, 0.0), 10, {0: 0.01, 1: 0.01}, "partly reproduced"),   # 2 of 6 lower
+    ((-0.03, 0.03, 0.0, 0.0, 0.0, 0.0), 10, {0: 0.01, 1: 0.01}, "mixed"),
+    ((0.03, 0.0, 0.0, 0.0, 0.0, 0.0), 10, {0: 0.01}, "contradicted"),
+    ((0.0,) * 6, 10, {0: 0.5, 1: 0.5, 2: 0.5, 3: 0.5, 4: 0.5, 5: 0.5, "ci_low": -0.03}, "inconclusive"),
 ])
 def test_c3_rule(monkeypatch, medians, n, p_holm, status):
     from kfac2l import evidence
 
-    comps = [_c(o, n, m, p_holm, None if p_holm is None else -0.01) for o, m in zip(evidence.PAPER_TWO_LEVEL, medians)]
+    if isinstance(p_holm, dict):  # per-method Holm p (1 where absent) and a common interval's lower end
+        comps = [_c(o, n, m, p_holm.get(i, 1.0), p_holm.get("ci_low", -0.01))
+                 for i, (o, m) in enumerate(zip(evidence.PAPER_TWO_LEVEL, medians))]
+    else:
+        comps = [_c(o, n, m, p_holm, None if p_holm is None else -0.01)
+                 for o, m in zip(evidence.PAPER_TWO_LEVEL, medians)]
     monkeypatch.setattr(evidence, "comparisons", lambda *a, **k: comps)
     assert evidence.c3_status("unused")[0] == status
 
@@ -288,3 +297,16 @@ def test_distance_values_for_the_reports_prose(monkeypatch):
     assert evidence.value(key.format("ratio:median:previous"), "unused") == "1.001"
     assert evidence.value(key.format("kfac_rel:min:all"), "unused") == "1.04"
     assert evidence.value(key.format("closer_pct:median:previous"), "unused") == "2"
+
+
+@pytest.mark.parametrize("adam, sgd, status", [
+    (0.03, 0.05, "descriptive only: in line with the claim"),
+    (0.01, 0.05, "descriptive only: no clear direction"),   # ADAM inside the dead zone of +-0.02
+    (-0.03, 0.05, "descriptive only: against the claim"),
+])
+def test_c3b_dead_zone(monkeypatch, adam, sgd, status):
+    from kfac2l import evidence
+
+    monkeypatch.setattr(evidence, "comparisons", lambda *a, **k: [_c("adam", 5, adam), _c("sgd", 5, sgd)])
+    assert evidence._baseline_status("unused", "paper")[0] == status
+
