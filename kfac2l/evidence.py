@@ -424,7 +424,8 @@ def c3_status(results: Path, profile: str = "paper", panel: str = "deep_linear_a
                 if higher > len(comps) / 2 else "no clear direction")
         return f"descriptive only: {side}", (
             f"n = {span} pairs ({'fewest ' if '-' in span else ''}< {MIN_PAIRS}); median paired difference to KFAC "
-            f"below -{SMALLEST_EFFECT} for {lower} of {len(comps)} methods, above +{SMALLEST_EFFECT} for {higher}, within for the others")
+            f"below -{SMALLEST_EFFECT} for {lower} of {len(comps)} methods, above +{SMALLEST_EFFECT} for {higher}, "
+            "within for the others")
     lower, higher = split_significant(comps.values())
     mark = interim(n)
     if len(lower) > len(comps) / 2 and not higher:
