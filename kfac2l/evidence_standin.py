@@ -133,17 +133,25 @@ def _incomplete(frame: pd.DataFrame) -> tuple[str, str] | None:
                               "read once all are in (issue 17)")
 
 
+def _complete_design(results: Path, profile: str, panel: str):
+    """(the stand-in's endpoints, None) once its declared design is complete; before that (None, the
+    *not yet tested* status), and (None, None) without any run."""
+    frame = standin_endpoints(results, profile, panel)
+    if frame.empty:
+        return None, None
+    pending = _incomplete(frame)
+    return (None, pending) if pending is not None else (frame, None)
+
+
 def _direction(flags: list[bool]) -> str:
     return ("in line with the claim" if all(flags) else "against the claim" if not any(flags) else "mixed")
 
 
 def c1_status(results: Path, profile: str = "paper", panel: str = PANEL) -> tuple[str, str] | None:
     """C1 on the stand-in by the declared rule; None without any (method, baseline) pair."""
-    frame = standin_endpoints(results, profile, panel)
-    if frame.empty:
-        return None
-    if (pending := _incomplete(frame)) is not None:
-        return pending
+    frame, early = _complete_design(results, profile, panel)
+    if frame is None:
+        return early
     pairs = {(m, b): _median_difference(frame, b, m) for m in NATURAL for b in BASELINES}
     pairs = {k: v for k, v in pairs.items() if v[1]}
     if not pairs:
@@ -158,11 +166,9 @@ def c1_status(results: Path, profile: str = "paper", panel: str = PANEL) -> tupl
 
 def c2_status(results: Path, profile: str = "paper", panel: str = PANEL) -> tuple[str, str] | None:
     """C2's auto-encoder half on the stand-in by the declared rule; None without two-level pairs."""
-    frame = standin_endpoints(results, profile, panel)
-    if frame.empty:
-        return None
-    if (pending := _incomplete(frame)) is not None:
-        return pending
+    frame, early = _complete_design(results, profile, panel)
+    if frame is None:
+        return early
     ok = frame[~_failed(frame)]
     kfac = ok[ok["optimizer"] == "kfac"][ENDPOINT].median()
     diffs = {o: _median_difference(frame, o, "kfac") for o in TWO_LEVEL}
