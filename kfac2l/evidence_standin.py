@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 
 from kfac2l.analysis import paired_differences
-from kfac2l.evidence import FAILED, _g, endpoints, failures_ranked_worst
+from kfac2l.evidence import FAILED, _g, all_none_mixed, endpoints, failures_ranked_worst
 from kfac2l.names import LABELS, ORDER
 from kfac2l.runs import iter_runs
 
@@ -143,10 +143,6 @@ def _complete_design(results: Path, profile: str, panel: str):
     return (None, pending) if pending is not None else (frame, None)
 
 
-def _direction(flags: list[bool]) -> str:
-    return ("in line with the claim" if all(flags) else "against the claim" if not any(flags) else "mixed")
-
-
 def c1_status(results: Path, profile: str = "paper", panel: str = PANEL) -> tuple[str, str] | None:
     """C1 on the stand-in by the declared rule; None without any (method, baseline) pair."""
     frame, early = _complete_design(results, profile, panel)
@@ -158,7 +154,7 @@ def c1_status(results: Path, profile: str = "paper", panel: str = PANEL) -> tupl
         return None
     ahead = [med > 0 for med, _ in pairs.values()]
     n = min(n for _, n in pairs.values())
-    return (f"tested on a stand-in; descriptive only: {_direction(ahead)}",
+    return (f"tested on a stand-in; descriptive only: {all_none_mixed(ahead)}",
             f"{LABEL}, n = {n} pairs: the method below the baseline (median of baseline - method > 0) in "
             f"{sum(ahead)} of {len(ahead)} (natural-gradient method, ADAM or SGD) pairs; best training loss, "
             f"20 epochs; see the stand-in section")
@@ -182,7 +178,7 @@ def c2_status(results: Path, profile: str = "paper", panel: str = PANEL) -> tupl
     n = min(n for _, n in diffs.values())
     text = ", ".join(f"{LABELS[o]} " + ("a failed run" if o in broken else f"{100 * r:+.2f} %")
                      for o, r in relative.items())
-    return (f"tested on a stand-in; descriptive only: {_direction(within)}",
+    return (f"tested on a stand-in; descriptive only: {all_none_mixed(within)}",
             f"{LABEL}, n = {n} pairs: median paired difference to KFAC relative to KFAC's median best loss: {text} "
             f"(overlay: within {100 * OVERLAY:g} %); the CNN half (CIFAR-10/100, SVHN) not testable here")
 
