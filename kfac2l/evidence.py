@@ -67,6 +67,21 @@ def failures_ranked_worst(frame: pd.DataFrame, endpoint: str) -> pd.DataFrame:
     return frame
 
 
+def endpoints_ranked(results: Path, profile: str, panel: str, endpoint: str, **options) -> pd.DataFrame:
+    """The endpoints of a panel for a rule that ranks failures worst: every complete run's (``endpoints``
+    with ``options``), a row for every run that failed or diverged before its first epoch (no metrics,
+    so no endpoint, yet a result of the design), and every failed or diverged run's ``endpoint`` set to
+    the worst value (``failures_ranked_worst``)."""
+    frame = endpoints(Path(results), profile, panel, **options)
+    have = set(zip(frame["optimizer"], frame["seed"])) if not frame.empty else set()
+    lost = [{"optimizer": r.summary.get("optimizer"), "seed": int(r.summary.get("seed")), "status": r.summary["status"],
+             endpoint: np.nan}
+            for r in iter_runs(Path(results) / "final" / profile / panel, complete_only=False)
+            if r.summary.get("status") in FAILED and (r.summary.get("optimizer"), int(r.summary.get("seed"))) not in have]
+    frame = pd.concat([frame, pd.DataFrame(lost)], ignore_index=True) if lost else frame
+    return frame if frame.empty else failures_ranked_worst(frame, endpoint)
+
+
 def _present(frame: pd.DataFrame) -> list[str]:
     return [o for o in ORDER if not frame.empty and o in set(frame["optimizer"])]
 

@@ -34,9 +34,8 @@ import numpy as np
 import pandas as pd
 
 from kfac2l.analysis import paired_differences
-from kfac2l.evidence import FAILED, _g, all_none_mixed, endpoints, failures_ranked_worst
+from kfac2l.evidence import FAILED, _g, all_none_mixed, endpoints_ranked
 from kfac2l.names import LABELS, ORDER
-from kfac2l.runs import iter_runs
 
 PANEL = "mnist_ae_fmnist"
 ENDPOINT = "best"
@@ -49,15 +48,8 @@ LABEL = "STAND-IN (MNIST AE architecture on Fashion-MNIST)"
 
 
 def standin_endpoints(results: Path, profile: str, panel: str = PANEL) -> pd.DataFrame:
-    """The stand-in's runs with their endpoints: the complete ones, plus a row for every run that
-    failed or diverged before its first epoch (no metrics); every failed or diverged run ranked worst."""
-    frame = endpoints(Path(results), profile, panel)
-    have = set(zip(frame["optimizer"], frame["seed"])) if not frame.empty else set()
-    lost = [{"optimizer": r.summary.get("optimizer"), "seed": int(r.summary.get("seed")), "status": r.summary["status"],
-             ENDPOINT: np.nan} for r in iter_runs(Path(results) / "final" / profile / panel, complete_only=False)
-            if r.summary.get("status") in FAILED and (r.summary.get("optimizer"), int(r.summary.get("seed"))) not in have]
-    frame = pd.concat([frame, pd.DataFrame(lost)], ignore_index=True) if lost else frame
-    return frame if frame.empty else failures_ranked_worst(frame, ENDPOINT)
+    """The stand-in's runs with their endpoints, failed or diverged ones (even without metrics) ranked worst."""
+    return endpoints_ranked(results, profile, panel, ENDPOINT)
 
 
 def _failed(frame: pd.DataFrame) -> pd.Series:

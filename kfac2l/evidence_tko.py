@@ -46,8 +46,7 @@ from kfac2l.evidence import (
     censored_median,
     checkpoint_cells,
     direction,
-    endpoints,
-    failures_ranked_worst,
+    endpoints_ranked,
     paired_markdown,
     split_significant,
 )
@@ -76,9 +75,10 @@ URL_TKO = "github.com/ntselepidis/KFAC-Pytorch"
 
 def tko_endpoints(results: Path, profile: str, panel: str) -> pd.DataFrame:
     """The endpoints of a toy-problem panel: the defaults plus the declared secondary ones; a run
-    that diverged or failed gets the worst primary endpoint (the panel's largest finite one plus 1)."""
-    frame = endpoints(Path(results), profile, panel, CHECKPOINTS, THRESHOLDS, True)
-    return frame if frame.empty else failures_ranked_worst(frame, ENDPOINT)
+    that diverged or failed, even before its first epoch (no metrics), gets the worst primary endpoint
+    (the panel's largest finite one plus 1)."""
+    return endpoints_ranked(results, profile, panel, ENDPOINT, epochs=CHECKPOINTS, thresholds=THRESHOLDS,
+                            accuracy=True)
 
 
 def _no_runs(profile: str, panel: str) -> str:

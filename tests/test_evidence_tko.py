@@ -162,6 +162,21 @@ def test_a_diverged_run_takes_the_worst_rank(results):
     assert prev.lower == 9  # the diverged seed counts against PREVIOUS
 
 
+def test_a_run_failed_before_its_first_epoch_takes_the_worst_rank(results):
+    """A failed run has no metrics.csv and is not complete, yet it is a result of the paired design:
+    it enters the family ranked worst instead of dropping out of it."""
+    run = next((results / "final" / "paper" / "tko_toy" / "nico").glob("*seed=4"))
+    (run / "metrics.csv").unlink()
+    summary = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").write_text(json.dumps({**summary, "status": "failed", "complete": False}))
+    evidence.endpoints.cache_clear()
+    frame = tko_endpoints(results, "paper", "tko_toy").set_index(["optimizer", "seed"])
+    finite = frame[frame["status"] != "failed"]["last5_mean"]
+    assert frame.loc[("nico", 4), "last5_mean"] == finite.max() + 1.0
+    nico = next(c for c in primary_family(results) if c.optimizer == "nico")
+    assert nico.n == 10  # the failed seed stays paired; without it NICO would have 9 pairs
+
+
 def test_figure8_draws_runs_paired_differences_and_depth(results, capsys):
     """``python -m kfac2l.plots --figure 8`` draws from the run files only."""
     from kfac2l.plots.__main__ import main
