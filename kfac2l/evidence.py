@@ -29,12 +29,14 @@ from kfac2l.analysis import (
     MIN_PAIRS,
     SMALLEST_EFFECT,
     THRESHOLD,
+    compare,
     family,
     interim,
     load_endpoints,
+    paired_differences,
 )
 from kfac2l.names import LABELS, ORDER, TWO_LEVEL
-from kfac2l.plan import EXACTREF_PANEL, REFBATCH_EPOCHS, REFBATCH_OPTIMIZERS, REFBATCH_PANEL, REFBATCH_SIZES
+from kfac2l.plan import EXACTREF_PANEL, MATCHED, REFBATCH_EPOCHS, REFBATCH_OPTIMIZERS, REFBATCH_PANEL, REFBATCH_SIZES
 from kfac2l.runs import iter_runs
 
 
@@ -97,6 +99,53 @@ def paired_table(results: Path, profile: str, panel: str) -> str:
     if frame.empty:
         return "_no results_\n"
     return paired_markdown(frame, comparisons(results, profile, panel), "best", "best loss", FAMILY_SIZE)
+
+
+SELECTED_PANEL = "deep_linear_a"
+
+
+def matched_frame(results: Path, profile: str, panel: str, selected: str = SELECTED_PANEL) -> pd.DataFrame:
+    """The matched arm (issue 15, item 3): its own runs, plus the selected arm's runs of every other
+    optimiser whose selected setting is the matched one (``plan.MATCHED``: KFAC's; KFAC among them)."""
+    own, sel = endpoints(results, profile, panel), endpoints(results, profile, selected)
+    if sel.empty:
+        return own
+    at = (np.isclose(sel["lr"].astype(float), MATCHED["lr"])
+          & np.isclose(pd.to_numeric(sel["damping"], errors="coerce"), MATCHED["damping"]))
+    taken = set(own["optimizer"]) if not own.empty else set()
+    return pd.concat([own, sel[at & ~sel["optimizer"].isin(taken)]], ignore_index=True)
+
+
+def matched_table(results: Path, profile: str, panel: str) -> str:
+    """Every curvature method at KFAC's selected lr and damping, paired with KFAC by seed on the best
+    training loss, beside the same method's paired difference at its own selected setting.
+    Secondary and descriptive (the declared family is the selected arm's): no p-value."""
+    frame = matched_frame(results, profile, panel)
+    if frame.empty or panel not in set(Path(p).parts[-3] for p in frame["path"]):
+        return "_no runs yet (the matched arm: `make evidence-paired ARMS=matched`)_\n"
+    sel = endpoints(results, profile, SELECTED_PANEL)
+    own_arm = set(frame[frame["path"].map(lambda p: Path(p).parts[-3] == panel)]["optimizer"])
+    rows = []
+    for opt in [o for o in ORDER if o in set(frame["optimizer"]) and o != "kfac"]:
+        c = compare(paired_differences(frame, opt, "kfac", "best"), opt, "kfac")
+        at_own = paired_differences(sel, opt, "kfac", "best") if opt in own_arm else pd.Series(dtype=float)
+        rows.append({
+            "optimizer": LABELS[opt], "runs from": "matched arm" if opt in own_arm else "selected arm (same setting)",
+            "pairs (n)": c.n, "best loss, median": _g(frame[frame["optimizer"] == opt]["best"].median()),
+            "paired difference to KFAC, median": f"{c.median_diff:+.4f}",
+            "95 % bootstrap interval": "-" if c.ci_low is None else f"[{c.ci_low:+.4f}, {c.ci_high:+.4f}]",
+            "lower than KFAC on": f"{c.lower}/{c.n} seeds",
+            "at its own selected setting: median difference (n)":
+                f"{at_own.median():+.4f} ({len(at_own)})" if len(at_own) else "same runs",
+        })
+    kfac = frame[frame["optimizer"] == "kfac"]["best"]
+    note = (f"\nAll at lr {MATCHED['lr']:g}, damping {MATCHED['damping']:g} (KFAC's selected setting; PREVIOUS, "
+            f"RESIDU and TAYLOR selected it too, so their runs and KFAC's, n = {len(kfac)}, are the selected arm's). "
+            "Difference = optimiser - KFAC on the same seed, median over seeds. Secondary and descriptive: "
+            "no test (the declared family is the selected arm's); the bootstrap interval (10000 percentile "
+            f"resamples, from {MIN_PAIRS} pairs) is not adjusted for multiplicity. Last column: the primary family's "
+            "median difference, where the method's selected damping differs.\n")
+    return pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True) + "\n" + note
 
 
 def paired_markdown(frame: pd.DataFrame, comps, endpoint: str, name: str, family_size: int) -> str:

@@ -310,3 +310,43 @@ def test_c3b_dead_zone(monkeypatch, adam, sgd, status):
     monkeypatch.setattr(evidence, "comparisons", lambda *a, **k: [_c("adam", 5, adam), _c("sgd", 5, sgd)])
     assert evidence._baseline_status("unused", "paper")[0] == status
 
+
+
+def _run_at(root, panel, opt, seed, best, damping):
+    from test_plots import _write_run
+
+    _write_run(root, panel, opt, seed, [best + 1.0, best], profile="paper")
+    path = root / "final" / "paper" / panel / opt / f"lr=0.01,damping=0.1,seed={seed}" / "summary.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "damping": damping}))
+
+
+def test_matched_table_pairs_the_arm_with_the_selected_runs_at_the_same_setting(tmp_path):
+    """KFAC and PREVIOUS selected lr 1e-2, damping 1e-3 (their selected-arm runs are the matched
+    ones); NICO selected damping 1e-2 (+0.02 to KFAC) and its matched-arm runs are -0.003 x seed:
+    median over seeds 1-10 of -0.003 s is -0.0165, lower on 10 of 10; no p-value anywhere."""
+    from kfac2l import evidence
+
+    for seed in range(1, 11):
+        kfac = 0.5 + 0.01 * seed
+        _run_at(tmp_path, "deep_linear_a", "kfac", seed, kfac, 0.001)
+        _run_at(tmp_path, "deep_linear_a", "previous", seed, kfac - 0.001, 0.001)
+        _run_at(tmp_path, "deep_linear_a", "nico", seed, kfac + 0.02, 0.01)
+        _run_at(tmp_path, "deep_linear_a_matched", "nico", seed, kfac - 0.003 * seed, 0.001)
+    evidence.endpoints.cache_clear()
+    text = evidence.matched_table(tmp_path, "paper", "deep_linear_a_matched")
+    evidence.endpoints.cache_clear()
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in text.splitlines() if line.startswith("| ") and "optimizer" not in line}
+    assert rows["NICO"][:2] == ["matched arm", "10"] and rows["NICO"][3] == "-0.0165"
+    assert rows["NICO"][5] == "10/10 seeds" and rows["NICO"][6] == "+0.0200 (10)"
+    assert rows["PREVIOUS"][:2] == ["selected arm (same setting)", "10"] and rows["PREVIOUS"][3] == "-0.0010"
+    assert "Wilcoxon" not in text and "Holm p" not in text
+
+
+def test_matched_table_without_the_arm_says_so(tmp_path):
+    from kfac2l import evidence
+
+    _run_at(tmp_path, "deep_linear_a", "kfac", 1, 0.5, 0.001)
+    evidence.endpoints.cache_clear()
+    assert "no runs yet" in evidence.matched_table(tmp_path, "paper", "deep_linear_a_matched")
+    evidence.endpoints.cache_clear()
