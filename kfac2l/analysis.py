@@ -117,7 +117,7 @@ class Comparison:
         """The declared reading: Holm-corrected significance at ALPHA, or descriptive."""
         if self.p_holm is None:
             return f"descriptive (n = {self.n} < {MIN_PAIRS})"
-        reading = ("no difference detected" if self.p_holm >= ALPHA
+        reading = ("not significant at Holm 0.05" if self.p_holm >= ALPHA
                    else f"{'lower' if self.median_diff < 0 else 'higher'} than {self.reference.upper()}")
         return reading + interim(self.n)
 

@@ -350,3 +350,22 @@ def test_matched_table_without_the_arm_says_so(tmp_path):
     evidence.endpoints.cache_clear()
     assert "no runs yet" in evidence.matched_table(tmp_path, "paper", "deep_linear_a_matched")
     evidence.endpoints.cache_clear()
+
+
+def test_c3_text_gives_the_signs_without_the_dead_zone_and_the_excluded_gains(monkeypatch):
+    """Four medians above 0 (one of them inside the dead zone is still KFAC's lower median), one
+    below, one zero: KFAC's median is the lower for 4 of 6. At n = 10, two intervals (lower ends
+    -0.005) exclude a gain of 0.02, four (-0.03) do not: inconclusive, 2 of 6 named."""
+    from kfac2l import evidence
+
+    medians = (0.03, 0.03, 0.01, 0.005, -0.005, 0.0)
+    comps = [_c(o, 5, m) for o, m in zip(evidence.PAPER_TWO_LEVEL, medians)]
+    monkeypatch.setattr(evidence, "comparisons", lambda *a, **k: comps)
+    status, text = evidence.c3_status("unused")
+    assert status == "descriptive only: no clear direction" and "KFAC's median is the lower for 4 of 6" in text
+    comps = [_c(o, 10, m, 0.5, -0.005 if i < 2 else -0.03)
+             for i, (o, m) in enumerate(zip(evidence.PAPER_TWO_LEVEL, medians))]
+    monkeypatch.setattr(evidence, "comparisons", lambda *a, **k: comps)
+    status, text = evidence.c3_status("unused")
+    names = ", ".join(evidence.LABELS[o] for o in evidence.PAPER_TWO_LEVEL[:2])
+    assert status == "inconclusive" and f"excludes a gain of 0.02 for 2 of 6 ({names})" in text
