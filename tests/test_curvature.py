@@ -501,9 +501,18 @@ def test_gap_identities_with_the_f_orthogonal_projector(kind, correction):
     space) and e = zeta - zeta_KFAC, the gap (4.6) is -||Pi e||^2 for the multiplicative correction
     and ||Pi zeta_KFAC||^2 - ||Pi e||^2 for the additive one (F_bullet-norms)."""
     p = Problem(kind)
-    grad, fisher, kfac, data = p.dense(LAM)
     pre = kfac2l.TwoLevelKFAC(p.model, coarse_space="nicolaides", correction=correction, damping=LAM,
                               diagnostics=True)
+    proj, pe, pk = _nicolaides_projector_norms(p, pre)
+    expected = -pe if correction == "multiplicative" else pk - pe
+    assert abs(pre.diagnostics["gap"] - expected) < 1e-9 * max(abs(expected), pe)
+    assert torch.allclose(proj @ proj, proj, atol=1e-9)  # a projector
+
+
+def _nicolaides_projector_norms(p, pre):
+    """Run ``pre`` one step on ``p``; then, densely in float64, the F_bullet-orthogonal projector Pi
+    onto the Nicolaides space, ||Pi e||^2 with e = zeta - zeta_KFAC, and ||Pi zeta_KFAC||^2."""
+    grad, fisher, kfac, data = p.dense(LAM)
     p.run(pre)
     r0t = dense.explicit_coarse_basis("nicolaides", p.model, data, kfac, fisher, grad, LAM, "pi")
     proj = r0t @ torch.linalg.solve(r0t.T @ fisher @ r0t, r0t.T @ fisher)
@@ -512,10 +521,19 @@ def test_gap_identities_with_the_f_orthogonal_projector(kind, correction):
     def norm2(u):
         return (u @ fisher @ u).item()
 
-    pe = norm2(proj @ (zeta - zeta_kfac))
-    expected = -pe if correction == "multiplicative" else norm2(proj @ zeta_kfac) - pe
-    assert abs(pre.diagnostics["gap"] - expected) < 1e-9 * max(abs(expected), pe)
-    assert torch.allclose(proj @ proj, proj, atol=1e-9)  # a projector
+    return proj, norm2(proj @ (zeta - zeta_kfac)), norm2(proj @ zeta_kfac)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_previous_records_the_papers_tko_gap_at_the_exact_operator_beta(kind):
+    """PREVIOUS steps with the Kronecker coarse operator (3.18); its ``gap_exact_operator`` is the
+    gap (4.6) at the paper's beta_TKO = (R0 F_bullet R0^T)^-1 R0 g (4.7b), which by docs/gap.md is
+    ||Pi zeta_KFAC||^2 - ||Pi e||^2 (the additive identity of the exact operator), built densely."""
+    p = Problem(kind)
+    pre = kfac2l.PreviousKFAC(p.model, damping=LAM, diagnostics=True)
+    _, pe, pk = _nicolaides_projector_norms(p, pre)
+    expected = pk - pe
+    assert abs(pre.diagnostics["gap_exact_operator"] - expected) < 1e-9 * max(abs(expected), pe)
 
 
 def _float32_twin(kind):

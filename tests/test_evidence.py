@@ -369,3 +369,23 @@ def test_c3_text_gives_the_signs_without_the_dead_zone_and_the_excluded_gains(mo
     status, text = evidence.c3_status("unused")
     names = ", ".join(evidence.LABELS[o] for o in evidence.PAPER_TWO_LEVEL[:2])
     assert status == "inconclusive" and f"excludes a gain of 0.02 for 2 of 6 ({names})" in text
+
+
+def test_c4c_reads_the_papers_tko_gap_where_every_run_records_it(monkeypatch):
+    """Declared before any run recorded it: C4c reads the (4.7b) gap (beta_TKO from the exact
+    coarse operator) when every PREVIOUS run has it, else the gap at the beta PREVIOUS steps with."""
+    from kfac2l import evidence
+
+    def frame(tko):
+        return pd.DataFrame([{"optimizer": "nico", "damping": 0.01, "seed": 1, "ratio": 0.9, "closer_share": 1.0,
+                              "gap_negative": 1.0, "gap_tko_negative": np.nan, "kfac_rel": 1.0}]
+                            + [{"optimizer": "previous", "damping": 0.001, "seed": s, "ratio": 1.0,
+                                "closer_share": 0.0, "gap_negative": 0.02, "gap_tko_negative": t, "kfac_rel": 1.2}
+                               for s, t in zip((1, 2), tko)])
+
+    monkeypatch.setattr(evidence, "_distance_frame", lambda *a, **k: frame((1.0, 0.995)))
+    c_row = evidence.c4_rows("unused")[2]
+    assert c_row[2] == "descriptive only: in line with the claim" and "99.8 %" in c_row[3] and "(4.7b)'s beta" in c_row[3]
+    monkeypatch.setattr(evidence, "_distance_frame", lambda *a, **k: frame((1.0, np.nan)))  # one run lacks it
+    c_row = evidence.c4_rows("unused")[2]
+    assert c_row[2] == "descriptive only: against the claim" and "2.0 %" in c_row[3] and "do not record" in c_row[3]

@@ -850,8 +850,16 @@ class PreviousKFAC(TwoLevelKFAC):
         return basis, op, restrict(basis, grads).double(), None, None
 
     def _record_gap(self, groups, grads, zeta_kfac, basis, beta, op, residual) -> None:
+        """The gap (4.6) at the beta this step takes (Kronecker coarse operator, 3.18), and, as
+        ``gap_exact_operator``, at the paper's beta_TKO = (R0 F_bullet R0^T)^{-1} R0 g (4.7b): the
+        quantity of the paper's Figure 5 for TKO. Both with the exact operator of the Fisher batch."""
         exact = coarse_operator(groups, basis, self.damping)
+        if residual is None:
+            residual = kfac_residual(groups, grads, zeta_kfac, self.damping)
         super()._record_gap(groups, grads, zeta_kfac, basis, beta, exact, residual)
+        beta_tko, _ = solve_coarse(exact, restrict(basis, grads).double())
+        self._diag["gap_exact_operator"] = (beta_tko @ exact @ beta_tko
+                                            - 2 * (restrict(basis, residual).double() @ beta_tko))
 
 
 class ExactNGD(CurvaturePreconditioner):
