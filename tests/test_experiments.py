@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torchvision
@@ -222,3 +223,36 @@ def test_every_config_of_every_group_composes_and_resolves(group):
         OmegaConf.to_container(cfg, resolve=group not in ("search", "launcher"))
         if group in ("optimizer", "dataset", "model", "profile", "convention", "experiment"):
             assert cfg[group].name == (choice if group != "experiment" else cfg.experiment.name)
+
+
+def _stage_into(root: str) -> str | None:
+    from kfac2l.data import core
+
+    return core._stage_debian_fashion_mnist(Path(root))
+
+
+def test_debian_staging_by_several_processes_at_once_is_whole(tmp_path, monkeypatch):
+    """The first jobs of a joblib sweep stage Debian's Fashion-MNIST at the same moment: every
+    process gets the source, and the staged files are whole copies (each writes its own temporary
+    files and renames them; a shared temporary name lost one process its file, or left another
+    reading a file still being rewritten)."""
+    import gzip
+    import multiprocessing
+
+    from kfac2l.data import core
+
+    debian = tmp_path / "debian"
+    debian.mkdir()
+    names = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+    payload = {n: bytes(np.random.default_rng(i).integers(0, 256, 2_000_000, dtype=np.uint8))
+               for i, n in enumerate(names)}
+    for n in names:
+        with gzip.open(debian / f"{n}.gz", "wb", compresslevel=1) as f:
+            f.write(payload[n])
+    monkeypatch.setattr(core, "DEBIAN_FASHION_MNIST", debian)  # inherited by the forked processes
+    with multiprocessing.get_context("fork").Pool(4) as pool:
+        sources = pool.map(_stage_into, [str(tmp_path / "data")] * 4)
+    assert all(s is not None and s.startswith(f"debian:{debian}") for s in sources)
+    raw = tmp_path / "data" / "FashionMNIST" / "raw"
+    assert all((raw / n).read_bytes() == payload[n] for n in names)
+    assert not list(raw.glob(".*.tmp"))

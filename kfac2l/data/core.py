@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import os
 import shutil
 import urllib.error
 import urllib.request
@@ -12,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from kfac2l.io import atomic_write_text
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 MARTENS_URL = "http://www.cs.toronto.edu/~jmartens/"
@@ -157,13 +160,16 @@ def _stage_debian_fashion_mnist(root: Path) -> str | None:
     if not all((DEBIAN_FASHION_MNIST / f"{n}.gz").exists() for n in names):
         return None
     raw.mkdir(parents=True, exist_ok=True)
+    source = f"debian:{DEBIAN_FASHION_MNIST} (package dataset-fashion-mnist)"
+    # Several runs may stage at once (a joblib sweep's first jobs): every process writes its own
+    # temporary files and renames them atomically, and the marker lands before any data file, so a
+    # process that sees all four files never reads a partial one or a missing marker.
+    atomic_write_text(marker, source + "\n")
     for n in names:
-        tmp = raw / f".{n}.tmp"
+        tmp = raw / f".{n}.{os.getpid()}.tmp"
         with gzip.open(DEBIAN_FASHION_MNIST / f"{n}.gz", "rb") as src, open(tmp, "wb") as dst:
             shutil.copyfileobj(src, dst)
         tmp.replace(raw / n)
-    source = f"debian:{DEBIAN_FASHION_MNIST} (package dataset-fashion-mnist)"
-    marker.write_text(source + "\n")
     return source
 
 
