@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 TORCH_REQ ?= requirements-torch.txt
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint verify bench clean demo reproduce-all fashion-mnist status readme evidence recheck evidence-paired
+.PHONY: install test lint verify bench clean demo reproduce-all fashion-mnist status readme evidence recheck evidence-paired evidence-status
 PROFILE ?= quick
 LAUNCHER ?= local
 
@@ -72,6 +72,10 @@ evidence: $(STAMP) fashion-mnist
 ARMS ?=
 evidence-paired: $(STAMP) fashion-mnist
 	OMP_NUM_THREADS=1 nice -n 19 $(BIN)/python -m kfac2l.plan --run $(if $(ARMS),--only $(ARMS),)
+
+# Complete runs per arm of kfac2l.plan against those expected (reads the result files only).
+evidence-status: $(STAMP)
+	$(BIN)/python -m kfac2l.plan --status $(if $(ARMS),--only $(ARMS),)
 
 reproduce-figure%: $(STAMP)
 	$(BIN)/python scripts/reproduce.py --figure $* --profile $(PROFILE) --launcher $(LAUNCHER)

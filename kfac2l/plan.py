@@ -2,6 +2,7 @@
 
     python -m kfac2l.plan                 # print the commands (nothing runs)
     python -m kfac2l.plan --run [--only selected matched ...] [--launcher joblib]
+    python -m kfac2l.plan --status [--only ...]   # complete runs per arm and step (reads results only)
 
 Every arm has an experiment name (a folder under ``results/final/paper/``) of its own; runs whose
 ``summary.json`` is complete with the same identity are skipped, interrupted ones resume, so the
@@ -47,6 +48,7 @@ from pathlib import Path
 import pandas as pd
 
 from kfac2l.names import NO_CURVATURE, PAPER_OPTIMIZERS, TWO_LEVEL
+from kfac2l.runs import iter_runs
 
 SEEDS = list(range(1, 11))
 CURVATURE = [o for o in PAPER_OPTIMIZERS if o not in NO_CURVATURE]
@@ -217,6 +219,56 @@ def _select11(results: Path, launcher: str) -> list[list[str]]:
     return calls  # (KRY-NICO's damping beyond the grid's edge, 1e-1, as well)
 
 
+def _overrides(step: list[str]) -> dict[str, str]:
+    return dict(item.split("=", 1) for item in step if "=" in item and not item.startswith("+"))
+
+
+def _setting(value: str | None):
+    """An override's lr or damping: None when not given (any value matches), 'null' kept as is."""
+    return None if value is None else value if value == "null" else float(value)
+
+
+def _matches(summary: dict, key: str, want) -> bool:
+    got = summary.get(key)
+    if want is None:
+        return True
+    if want == "null":
+        return got is None
+    return got is not None and abs(float(got) - want) <= 1e-9 * abs(want)
+
+
+def step_status(step: list[str]) -> dict | None:
+    """One training step's expected runs (optimiser x seed, at its lr and damping when the step sets
+    them) against the complete runs under its experiment folder; None for a selection or grid step
+    (grids: ``python -m kfac2l.status``)."""
+    if step[0] == SELECT or any(item.startswith("search=") for item in step):
+        return None
+    ov = _overrides(step)
+    name = ov.get("experiment.name", ov.get("experiment"))
+    root = Path(ov["paths.runs"]) / ov.get("profile", "paper") / name
+    lr, damping = _setting(ov.get("optimizer.lr")), _setting(ov.get("optimizer.damping"))
+    done = [r.summary for r in iter_runs(root)] if root.exists() else []
+    at = "" if lr is None and damping is None else f" @{ov.get('optimizer.lr', '-')}/{ov.get('optimizer.damping', '-')}"
+    missing = [f"{opt} s{seed}{at}" for opt in ov["optimizer"].split(",") for seed in map(int, ov["seed"].split(","))
+               if not any(s.get("optimizer") == opt and int(s.get("seed", -1)) == seed and _matches(s, "lr", lr)
+                          and _matches(s, "damping", damping) for s in done)]
+    expected = len(ov["optimizer"].split(",")) * len(ov["seed"].split(","))
+    return {"experiment": name, "expected": expected, "complete": expected - len(missing), "missing": missing}
+
+
+def status_table(plan: dict[str, list[list[str]]], names, shown: int = 6) -> pd.DataFrame:
+    """Per arm and experiment folder: complete runs of those expected, and the first missing ones."""
+    rows = [{"arm": arm, **row} for arm in names for row in map(step_status, plan[arm]) if row is not None]
+    frame = pd.DataFrame(rows, columns=["arm", "experiment", "expected", "complete", "missing"])
+    if frame.empty:
+        return frame
+    frame = frame.groupby(["arm", "experiment"], sort=False, as_index=False).agg(
+        {"expected": "sum", "complete": "sum", "missing": "sum"})
+    frame["missing"] = [", ".join(m[:shown]) + (f" (+{len(m) - shown})" if len(m) > shown else "")
+                        for m in frame["missing"]]
+    return frame
+
+
 def yield_cpu() -> None:
     """Lower this process group's CPU share below any interactive work. ``nice`` alone does not do
     it under Linux's autogroup scheduling (on by default), where each session gets an equal share
@@ -234,12 +286,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--launcher", default="joblib", choices=["local", "joblib", "slurm", "submitit_local"])
     parser.add_argument("--only", nargs="*", default=None, help="arms to run, in this order (default: all)")
     parser.add_argument("--run", action="store_true", help="launch (default: print the commands)")
+    parser.add_argument("--status", action="store_true", help="only count the complete runs of each arm")
     args = parser.parse_args(argv)
     plan = arms(Path(args.results), args.launcher)
     unknown = [a for a in args.only or [] if a not in plan]
     if unknown:
         print(f"kfac2l.plan: unknown arm(s) {unknown}; valid: {', '.join(plan)}", file=sys.stderr)
         return 2
+    if args.status:
+        print(status_table(plan, args.only or list(plan)).to_markdown(index=False))
+        return 0
     if args.run:
         yield_cpu()
     run_arms(plan, args.only or list(plan), args.run)

@@ -389,3 +389,22 @@ def test_c4c_reads_the_papers_tko_gap_where_every_run_records_it(monkeypatch):
     monkeypatch.setattr(evidence, "_distance_frame", lambda *a, **k: frame((1.0, np.nan)))  # one run lacks it
     c_row = evidence.c4_rows("unused")[2]
     assert c_row[2] == "descriptive only: against the claim" and "2.0 %" in c_row[3] and "do not record" in c_row[3]
+
+
+def test_plan_status_counts_complete_runs_at_the_steps_settings(tmp_path):
+    """The matched arm expects NICO, SPECTRAL, KRY-NICO, KRY-RESIDU x seeds 1-10 at lr 1e-2, damping
+    1e-3: a complete NICO seed-1 run at damping 1e-3 counts, one at 1e-1 (another setting) does not,
+    nor does an incomplete one."""
+    from kfac2l import plan
+
+    _run_at(tmp_path, "deep_linear_a_matched", "nico", 1, 0.5, 0.001)
+    _run_at(tmp_path, "deep_linear_a_matched", "nico", 2, 0.5, 0.1)
+    _run_at(tmp_path, "deep_linear_a_matched", "spectral", 1, 0.5, 0.001)
+    path = tmp_path / "final" / "paper" / "deep_linear_a_matched" / "spectral" / "lr=0.01,damping=0.1,seed=1"
+    summary = json.loads((path / "summary.json").read_text())
+    (path / "summary.json").write_text(json.dumps({**summary, "complete": False}))
+    table = plan.status_table(plan.arms(tmp_path, "local"), ["matched"], shown=2)
+    row = table.iloc[0]
+    assert (row["experiment"], row["expected"], row["complete"]) == ("deep_linear_a_matched", 40, 1)
+    assert row["missing"] == "nico s2 @0.01/0.001, nico s3 @0.01/0.001 (+37)"
+    assert plan.main(["--results", str(tmp_path), "--status", "--only", "nope"]) == 2
