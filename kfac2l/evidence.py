@@ -101,6 +101,22 @@ def paired_table(results: Path, profile: str, panel: str) -> str:
     return paired_markdown(frame, comparisons(results, profile, panel), "best", "best loss", FAMILY_SIZE)
 
 
+def perseed_table(results: Path, profile: str, panel: str) -> str:
+    """Seed by seed: KFAC's best training loss and each optimiser's paired difference to it, so that
+    a reader sees which seeds carry a median (descriptive; the unit of every test is the seed)."""
+    frame = endpoints(results, profile, panel)
+    if frame.empty or "kfac" not in set(frame["optimizer"]):
+        return "_no results_\n"
+    wide = frame.pivot(index="seed", columns="optimizer", values="best")
+    others = [o for o in ORDER if o in wide and o != "kfac"]
+    table = pd.DataFrame({"seed": wide.index, "KFAC best loss": [_g(v, 4) for v in wide["kfac"]],
+                          **{LABELS[o]: [("-" if np.isnan(d) else f"{d:+.4f}") for d in wide[o] - wide["kfac"]]
+                             for o in others}})
+    note = ("\nBest training loss of KFAC and, per optimiser, its best loss minus KFAC's on the same seed "
+            "(negative: lower than KFAC); '-': no run of that seed.\n")
+    return table.to_markdown(index=False, disable_numparse=True) + "\n" + note
+
+
 SELECTED_PANEL = "deep_linear_a"
 
 

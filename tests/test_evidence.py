@@ -408,3 +408,17 @@ def test_plan_status_counts_complete_runs_at_the_steps_settings(tmp_path):
     assert (row["experiment"], row["expected"], row["complete"]) == ("deep_linear_a_matched", 40, 1)
     assert row["missing"] == "nico s2 @0.01/0.001, nico s3 @0.01/0.001 (+37)"
     assert plan.main(["--results", str(tmp_path), "--status", "--only", "nope"]) == 2
+
+
+def test_perseed_table_gives_each_pair_by_hand(tmp_path):
+    from kfac2l import evidence
+
+    for seed, (kfac, nico) in {1: (0.5, 0.52), 2: (0.6, 0.55)}.items():
+        _run_at(tmp_path, "deep_linear_a", "kfac", seed, kfac, 0.001)
+        _run_at(tmp_path, "deep_linear_a", "nico", seed, nico, 0.01)
+    _run_at(tmp_path, "deep_linear_a", "sgd", 1, 0.7, 0.01)
+    evidence.endpoints.cache_clear()
+    lines = evidence.perseed_table(tmp_path, "paper", "deep_linear_a").splitlines()
+    evidence.endpoints.cache_clear()
+    assert [c.strip() for c in lines[2].split("|")[1:-1]] == ["1", "0.5", "+0.0200", "+0.2000"]
+    assert [c.strip() for c in lines[3].split("|")[1:-1]] == ["2", "0.6", "-0.0500", "-"]
