@@ -525,9 +525,10 @@ def c3_status(results: Path, profile: str = "paper", panel: str = "deep_linear_a
             f" (Holm 0.05, n = {span})")
     excluded = [LABELS[o] for o, c in comps.items() if c.ci_low > -SMALLEST_EFFECT]
     if len(excluded) == len(comps):
-        return "not reproduced" + mark, (f"no method differs at Holm 0.05 and every interval excludes a gain of "
-                                         f"{SMALLEST_EFFECT} (n = {span}); {signs}")
-    return "inconclusive" + mark, (f"no method differs at Holm 0.05; the interval excludes a gain of "
+        return "not reproduced" + mark, (f"no difference to KFAC is significant at Holm 0.05 and every unadjusted 95 % "
+                                         f"bootstrap interval excludes a gain of {SMALLEST_EFFECT} (n = {span}); {signs}")
+    return "inconclusive" + mark, (f"no difference to KFAC is significant at Holm 0.05; the unadjusted 95 % bootstrap "
+                                   f"interval excludes a gain of "
                                    f"{SMALLEST_EFFECT} for {len(excluded)} of {len(comps)} "
                                    f"({', '.join(excluded) or '-'}) (n = {span}); {signs}")
 

@@ -1,16 +1,19 @@
 """Do the committed results still reproduce at this commit? ``python -m kfac2l.recheck``
 
-For one committed run per (arm, optimiser, commit) under ``results/final/<profile>/`` it reruns
-the first ``--epochs`` epochs (default 2) from the run's own ``config.yaml`` and the lr and damping its
-``summary.json`` records, in a temporary folder, with the run's thread count, and compares the
-per-epoch training and test losses with the committed ``metrics.csv`` **bit for bit** (the float
-values as written, no tolerance). It prefers a run without diagnostics (faster; diagnostics do not
-change a trajectory, which the tests check) and the lowest such seed.
+For one committed run per (arm, optimiser, commit, kind of machine) under
+``results/final/<profile>/`` it reruns the first ``--epochs`` epochs (default 2) from the run's
+own ``config.yaml`` and the lr and damping its ``summary.json`` records, in a temporary folder,
+with the run's thread count, and compares the per-epoch training and test losses with the
+committed ``metrics.csv`` **bit for bit** (the float values as written, no tolerance). It prefers
+a run without diagnostics (faster; diagnostics do not change a trajectory, which the tests check)
+and the lowest such seed.
 
-A mismatch prints both values; ``summary.json`` carries the CPU model and the torch version of the
-machine that produced the run (runs made before that field existed say nothing), so that a mismatch
-on another machine can be told apart from a change of code. Exit code 0 when everything matches,
-1 otherwise, 2 when there is nothing to check.
+A mismatch prints both values. ``summary.json`` carries the CPU model, torch's CPU capability and
+the torch version of the machine that produced the run: a run made on another kind of machine
+(other SIMD kernels, other rounding) is listed as not comparable here and not rerun; a run made
+before that field existed is rerun and, if it differs, reported as not attributable (a change of
+code or another machine). Exit code 0 when every run made on this kind of machine matches, 1
+otherwise, 2 when there is nothing to check.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import pandas as pd
 import torch
 from omegaconf import OmegaConf
 
+from kfac2l.io import machine
 from kfac2l.runs import RunRecord, iter_runs
 
 COMPARED = ("train_loss", "test_loss")
@@ -44,12 +48,22 @@ class Check:
         return not self.mismatches
 
 
+def machine_key(machine: dict | None) -> str | None:
+    """The part of a machine record that decides float rounding on the CPU (torch's SIMD capability
+    and version; a CUDA device where one was used); None when the run recorded no machine."""
+    if not machine:
+        return None
+    return " ".join(str(machine.get(k)) for k in ("cpu_capability", "torch", "cuda_device") if machine.get(k))
+
+
 def pick_runs(root: Path) -> list[RunRecord]:
-    """One complete run per (arm folder, optimiser, commit it was made with): no diagnostics first,
-    then the lowest seed; so every code version that made committed runs is rechecked."""
+    """One complete run per (arm folder, optimiser, commit it was made with, machine kind): no
+    diagnostics first, then the lowest seed; so every code version and every kind of machine that
+    made committed runs is rechecked (where this machine is of that kind)."""
     chosen: dict[tuple, RunRecord] = {}
     for record in iter_runs(root):
-        key = (record.path.parent.parent, record.summary.get("optimizer"), str(record.summary.get("git_commit")))
+        key = (record.path.parent.parent, record.summary.get("optimizer"), str(record.summary.get("git_commit")),
+               str(machine_key(record.summary.get("machine"))))
         opts = record.summary.get("options") or {}
         rank = (bool(opts.get("diagnostics")), int(record.summary.get("seed", 0)))
         best = chosen.get(key)
@@ -111,16 +125,26 @@ def main(argv: list[str] | None = None) -> int:
     if not records:
         print(f"kfac2l.recheck: no complete runs under {root}", file=sys.stderr)
         return 2
-    failed = 0
+    here = machine_key(machine())
+    counts = {"same": 0, "DIFFERENT": 0, "other machine": 0, "different, machine not recorded": 0}
     for record in records:
-        check = check_run(record, args.epochs, args.data)
         label = f"{record.path.relative_to(root)} ({record.summary.get('git_commit', '?')[:7]})"
-        print(f"{'same' if check.ok else 'DIFFERENT'}  {label}: {check.epochs} epochs", flush=True)
+        made_on = machine_key(record.summary.get("machine"))
+        if made_on is not None and made_on != here:  # other SIMD kernels or torch: other rounding
+            counts["other machine"] += 1
+            print(f"other machine  {label}: made on {made_on}, this one {here}: not comparable here", flush=True)
+            continue
+        check = check_run(record, args.epochs, args.data)
+        outcome = "same" if check.ok else "DIFFERENT" if made_on else "different, machine not recorded"
+        counts[outcome] += 1
+        print(f"{outcome}  {label}: {check.epochs} epochs", flush=True)
         for line in check.mismatches:
             print(f"    {line}  [run made on: {check.machine}]")
-        failed += not check.ok
-    print(f"{len(records) - failed} of {len(records)} runs reproduce bit for bit at this commit")
-    return 1 if failed else 0
+    print(f"on this machine ({here}): {counts['same']} runs reproduce bit for bit, {counts['DIFFERENT']} made on this "
+          f"kind of machine do not, {counts['other machine']} were made on another kind (not comparable here), "
+          f"{counts['different, machine not recorded']} without a machine record differ (a code change or another "
+          "machine: not attributable)")
+    return 1 if counts["DIFFERENT"] else 0
 
 
 if __name__ == "__main__":

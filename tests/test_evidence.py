@@ -104,8 +104,8 @@ def test_every_step_records_the_kl_clip_factor(data_root, tmp_path):
     assert summary["machine"]["torch"] and summary["machine"]["cpu"]
 
 
-def test_recheck_reproduces_a_run_bit_for_bit_and_reports_a_changed_file(data_root, tmp_path):
-    from kfac2l.recheck import check_run, pick_runs
+def test_recheck_reproduces_a_run_bit_for_bit_and_reports_a_changed_file(data_root, tmp_path, capsys):
+    from kfac2l.recheck import check_run, main, pick_runs
     from kfac2l.train import train
 
     root = tmp_path / "final" / "paper"
@@ -127,6 +127,13 @@ def test_recheck_reproduces_a_run_bit_for_bit_and_reports_a_changed_file(data_ro
     frame.to_csv(metrics, index=False)
     check = check_run(kfac, epochs=2)
     assert not check.ok and check.mismatches[0].startswith("epoch 2 train_loss")
+    # a run made on another kind of machine (other SIMD kernels) is listed, not rerun nor failed;
+    # the changed run made on this kind of machine fails the recheck
+    seed2.write_text(json.dumps({**json.loads(seed2.read_text()), "machine": {"cpu_capability": "OTHER", "torch": "0"}}))
+    capsys.readouterr()
+    assert main(["--results", str(tmp_path / "final"), "--epochs", "2"]) == 1
+    out = capsys.readouterr().out
+    assert "other machine  panel/kfac/seed=2" in out and "1 runs reproduce bit for bit, 1 made on this" in out
 
 
 def test_report_and_readme_agree_with_committed_results():
