@@ -2,7 +2,7 @@
 
     python -m kfac2l.reproduce --figure 4 [--profile quick|paper] [--launcher local|joblib|slurm]
                                [--panels deep_linear_a ...] [--seeds 1 2 3] [--grid small]
-                               [--grid-epochs 10] [--diagnostic-seeds 1]
+                               [--grid-epochs 10] [--diagnostic-seeds 1] [--optimizers kfac nico]
     python -m kfac2l.reproduce --figure 7 --profile paper      # the ablation (fixed settings, no grid)
     python -m kfac2l.reproduce --figure 8 --profile paper      # the toy problem: kfac2l.plan's tko arms
     (a panel listed in ``kfac2l.plan.PANEL_ARMS`` is made by its plan arm, the others by the grid)
@@ -22,6 +22,7 @@ figure shows it as "no results" (exit code 3 when no panel of the figure can run
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import subprocess
 import sys
 import time
@@ -124,6 +125,20 @@ def run_plan_panels(panels: list[str], launcher: str, results: Path) -> None:
     run_arms(arms(results, launcher), list(dict.fromkeys(PANEL_ARMS[p] for p in panels)), run=True)
 
 
+def _with_optimizers(panel, optimizers: list[str] | None, figure: int):
+    """``panel`` restricted to ``optimizers`` (all of its own when None); ValueError naming a bad one."""
+    if optimizers is None:
+        return panel
+    if figure == 7 or panel.name in PANEL_ARMS:
+        raise ValueError(f"--optimizers {' '.join(optimizers)}: the runs of panel {panel.name} (figure {figure}) "
+                         "are fixed arms; valid: leave --optimizers out")
+    unknown = [o for o in optimizers if o not in panel.optimizers]
+    if unknown:
+        raise ValueError(f"--optimizers {' '.join(unknown)} not in panel {panel.name}; "
+                         f"valid: {', '.join(panel.optimizers)}")
+    return dataclasses.replace(panel, optimizers=tuple(o for o in panel.optimizers if o in optimizers))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--figure", type=int, required=True, choices=sorted(FIGURES))
@@ -140,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
                         "selection budget; default: the profile's); final runs use the experiment's epochs")
     parser.add_argument("--diagnostic-seeds", nargs="*", type=int, default=None,
                         help="final seeds that record diagnostics (default: the first seed)")
+    parser.add_argument("--optimizers", nargs="+", default=None, help="a subset of the panels' optimisers "
+                        "for the grid and the final runs (default: all of them; not for figure 7 or plan arms)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="Hydra overrides added to every run (e.g. device=cuda)")
     args = parser.parse_args(argv)
@@ -170,6 +187,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"kfac2l.reproduce: panel {name} of figure {args.figure} cannot run here: {err}", file=sys.stderr)
     if not available:
         return 3
+    try:  # before any training
+        chosen = {name: _with_optimizers(PANELS[name], args.optimizers, args.figure) for name in available}
+    except ValueError as err:
+        print(f"kfac2l.reproduce: {err}", file=sys.stderr)
+        return 2
     if planned := [p for p in available if p in PANEL_ARMS]:
         run_plan_panels(planned, args.launcher, results)
     available = [p for p in available if p not in PANEL_ARMS]
@@ -182,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.figure == 7:
             run_ablation_arm(PANELS[name], args.profile, args.launcher, results, args.data)
             continue
-        run_panel(PANELS[name], args.profile, args.launcher, results, seeds, SEARCH[args.grid or args.profile],
+        run_panel(chosen[name], args.profile, args.launcher, results, seeds, SEARCH[args.grid or args.profile],
                   args.data, args.grid_epochs, args.diagnostic_seeds)
     written = [plot_figure(args.figure, results, args.profile, panels)]
     written += [plot_figure(f, results, args.profile, panels) for f in args.extra_figures]

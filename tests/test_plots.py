@@ -113,6 +113,21 @@ def test_reproduce_stops_early_when_data_is_missing(tmp_path, capsys):
     assert not (tmp_path / "runs").exists()  # nothing trained
 
 
+@pytest.mark.parametrize("args,needle", [
+    (["--figure", "4", "--panels", "deep_linear_a", "--optimizers", "kfac", "lbfgs"],
+     "--optimizers lbfgs not in panel deep_linear_a; valid: kfac, nico,"),
+    (["--figure", "7", "--panels", "deep_linear_a_abl_init", "--optimizers", "kfac"], "valid: leave --optimizers out"),
+])
+def test_reproduce_names_a_bad_optimizer_subset_before_training(data_root, tmp_path, capsys, args, needle):
+    from kfac2l.reproduce import main
+
+    code = main([*args, "--results", str(tmp_path), "--data", str(data_root), "--set", "dataset.download=false",
+                 "experiment.batch_size=32"])
+    err = capsys.readouterr().err
+    assert code == 2 and needle in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "final").exists()  # nothing trained
+
+
 def test_report_renders_median_and_range_and_keeps_readme_in_sync(results, tmp_path):
     from kfac2l.report import update
 

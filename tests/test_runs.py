@@ -102,7 +102,7 @@ def _epochs_written(runs: Path) -> int:
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
 def test_killed_run_resumes_and_matches_the_uninterrupted_run(data_root, tmp_path, sig):
-    args = ["optimizer=kfac", *_small(data_root, epochs=40, batch=16)]
+    args = ["optimizer=kfac", *_small(data_root, epochs=12, batch=16)]  # the signal comes at epoch 3
     whole = subprocess.run(_cli(args, tmp_path / "whole"), cwd=REPO, env=ENV, capture_output=True, text=True)
     assert whole.returncode == 0, whole.stderr[-2000:]
     runs = tmp_path / "cut"
@@ -290,7 +290,7 @@ def test_submitit_local_sweep_survives_a_signal(data_root, tmp_path, sig):
     """The cluster path on one machine: SIGUSR2 (time limit) checkpoints and submitit requeues the
     job, which resumes by itself; SIGTERM checkpoints and the relaunched sweep resumes the job.
     Either way the losses are those of the uninterrupted run."""
-    args = ["optimizer=kfac", *_small(data_root, epochs=40, batch=16), "profile.patience=1000"]
+    args = ["optimizer=kfac", *_small(data_root, epochs=12, batch=16), "profile.patience=1000"]
     whole = subprocess.run(_cli(args, tmp_path / "whole"), cwd=REPO, env=ENV, capture_output=True, text=True)
     assert whole.returncode == 0, whole.stderr[-2000:]
     runs = tmp_path / "sweep"
@@ -338,7 +338,7 @@ def test_figure4_pipeline_grid_select_three_seeds_and_bands(data_root, tmp_path)
 
     code = main(["--figure", "4", "--panels", "deep_linear_a", "--profile", "quick", "--grid", "demo",
                  "--grid-epochs", "1", "--seeds", "1", "2", "3", "--extra-figures", "5", "6",
-                 "--results", str(tmp_path), "--data", str(data_root),
+                 "--optimizers", "sgd", "kfac", "nico", "--results", str(tmp_path), "--data", str(data_root),
                  "--set", "dataset.download=false", "experiment.batch_size=32", "profile.train_subset=160",
                  "profile.test_subset=16", "profile.max_epochs=2", "profile.curvature_interval=2"])
     assert code == 0
@@ -347,6 +347,8 @@ def test_figure4_pipeline_grid_select_three_seeds_and_bands(data_root, tmp_path)
     final = tmp_path / "final" / "quick" / "deep_linear_a"
     summaries = [json.loads(p.read_text()) for p in final.rglob("summary.json")]
     assert {s["seed"] for s in summaries} == {1, 2, 3}
+    assert sorted((s["optimizer"], s["seed"]) for s in summaries) == sorted(
+        (o, seed) for o in ("kfac", "nico", "sgd") for seed in (1, 2, 3))  # --optimizers: those three only
     assert all(s["max_epochs"] == 2 for s in summaries)  # finals: the profile's epochs, not the grid's
     with_diag = {(s["optimizer"], s["seed"]) for s in summaries if s["options"].get("diagnostics")}
     assert with_diag and {seed for _, seed in with_diag} == {1}
