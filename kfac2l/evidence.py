@@ -11,6 +11,7 @@ toy problem's tables are in ``kfac2l.evidence_tko``, which builds on this module
 Inline numbers (``<!-- value:KEY -->...<!-- /value -->``), KEY one of
 ``endpoint:PROFILE:PANEL:OPTIMIZER:ENDPOINT:STAT`` (STAT median, min, max, n) or
 ``paired:PROFILE:PANEL:OPTIMIZER:FIELD`` (FIELD median_diff, ci_low, ci_high, lower, n, p, p_holm) or
+``matched:PROFILE:PANEL:OPTIMIZER:FIELD`` (the matched arm's pairs: median_diff, ci_low, ci_high, lower, n) or
 ``distance:PROFILE:PANEL:COLUMN:STAT:SCOPE`` (``distance_value``).
 """
 
@@ -423,6 +424,13 @@ def value(key: str, results: Path) -> str:
         if field in ("lower", "n"):
             return str(v)
         return "-" if v is None else f"{v:+.4f}"
+    if kind == "matched":
+        profile, panel, opt, field = parts
+        c = compare(paired_differences(matched_frame(results, profile, panel), opt, "kfac", "best"), opt, "kfac")
+        v = getattr(c, field)
+        if field in ("lower", "n"):
+            return str(v)
+        return "-" if v is None else f"{v:+.4f}"
     if kind == "variance":
         profile, panel, part = parts
         shares = variance_shares(results, profile, panel)
@@ -430,7 +438,7 @@ def value(key: str, results: Path) -> str:
     if kind == "distance":
         profile, panel, column, stat, scope = parts
         return _g(distance_value(results, profile, panel, column, stat, scope), 4 if column == "ratio" else 3)
-    raise ValueError(f"unknown value kind {kind!r}; valid: endpoint, paired, variance, distance")
+    raise ValueError(f"unknown value kind {kind!r}; valid: endpoint, paired, matched, variance, distance")
 
 
 def distance_value(results: Path, profile: str, panel: str, column: str, stat: str, scope: str) -> float:

@@ -348,6 +348,9 @@ def test_matched_table_pairs_the_arm_with_the_selected_runs_at_the_same_setting(
     assert rows["NICO"][5] == "10/10 seeds" and rows["NICO"][6] == "+0.0200 (10)"
     assert rows["PREVIOUS"][:2] == ["selected arm (same setting)", "10"] and rows["PREVIOUS"][3] == "-0.0010"
     assert "Wilcoxon" not in text and "Holm p" not in text
+    key = "matched:paper:deep_linear_a_matched:nico:"  # the report's inline numbers: the table's
+    assert [evidence.value(key + f, tmp_path) for f in ("median_diff", "lower", "n")] == ["-0.0165", "10", "10"]
+    evidence.endpoints.cache_clear()
 
 
 def test_matched_table_without_the_arm_says_so(tmp_path):
