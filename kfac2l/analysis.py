@@ -157,6 +157,27 @@ def compare(diffs: pd.Series, optimizer: str, reference: str, seed: int = 0) -> 
                       float(boot.confidence_interval.high), lower, p)
 
 
+def hodges_lehmann(diffs, confidence: float = 0.95) -> tuple[float, float, float, float]:
+    """The Hodges-Lehmann estimate of paired differences (the median of their Walsh averages) and
+    the interval consistent with the exact Wilcoxon signed-rank test (the set of shifts it does not
+    reject): the k-th smallest and k-th largest Walsh averages, k the largest with P(T < k) <=
+    (1 - confidence) / 2 under the exact null distribution of the signed-rank statistic T.
+    Returns (estimate, low, high, achieved confidence); low and high are NaN when n is too small."""
+    d = np.asarray(diffs, dtype=float)
+    n = len(d)
+    i, j = np.triu_indices(n)
+    walsh = np.sort((d[i] + d[j]) / 2)
+    counts = np.zeros(n * (n + 1) // 2 + 1)   # sign patterns by rank sum: the null distribution of T
+    counts[0] = 1
+    for rank in range(1, n + 1):
+        counts[rank:] += counts[:-rank].copy()
+    cdf = np.cumsum(counts) / 2.0 ** n
+    k = int(np.searchsorted(cdf, (1 - confidence) / 2, side="right"))
+    if k == 0:
+        return float(np.median(walsh)), np.nan, np.nan, np.nan
+    return float(np.median(walsh)), float(walsh[k - 1]), float(walsh[len(walsh) - k]), float(1 - 2 * cdf[k - 1])
+
+
 def holm(comparisons: list[Comparison], family_size: int = FAMILY_SIZE) -> list[Comparison]:
     """Holm-corrected p-values over the declared family of ``family_size`` comparisons: those not
     tested (yet) count as p = 1, so that a partial family is never corrected less than the whole."""

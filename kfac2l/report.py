@@ -108,7 +108,8 @@ def ablation_table(results: Path, profile: str) -> str:
     return frame.to_markdown(index=False) + "\n"
 
 
-PANEL_TABLES = {"paired": evidence.paired_table, "matched": evidence.matched_table, "perseed": evidence.perseed_table,
+PANEL_TABLES = {"paired": evidence.paired_table, "c3-sensitivity": evidence.c3_sensitivity_table,
+                "matched": evidence.matched_table, "perseed": evidence.perseed_table,
                 "secondary": evidence.secondary_table, "clip": evidence.clip_table,
                 "distance": evidence.distance_table, "cost": evidence.cost_table,
                 "selection": evidence.selection_table, **evidence_tko.TABLES,
