@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torchvision
 from torch import nn
 
 
@@ -24,6 +23,8 @@ def resnet(depth: int, num_classes: int, stem: str = "imagenet") -> nn.Module:
     convolution and max-pool (what the authors used on 32x32 images, natural-gradients@97105b6
     apps/mlp_cnn/models.py:404-416); ``'cifar'`` replaces them by
     a 3x3 stride-1 convolution and no pooling."""
+    import torchvision  # here, not at module level: it costs seconds (torch._dynamo) and only ResNets need it
+
     builders = {18: torchvision.models.resnet18, 34: torchvision.models.resnet34}
     if depth not in builders:
         raise ValueError(f"resnet depth={depth!r} is not valid; choose one of {sorted(builders)}")
