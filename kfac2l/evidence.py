@@ -833,8 +833,9 @@ def c5_status(results: Path, profile: str = "paper", panel: str = "deep_linear_a
     return f"descriptive only: {side}", (
         f"deep linear A step time at the paper schedule (refreshes amortised), two-level / KFAC, medians of "
         f"{steps} steps per optimiser timed alongside KFAC in one process, `{record['command']}`, "
-        f"{record['machine']['cpu']}, CPU only{noise}: {text} (PREVIOUS, additive, not in the rule); "
-        f"`results/bench/{panel}_cpu.json`")
+        f"{record['machine']['cpu']}, one thread, CPU only, commit {str(record.get('git_commit', '?'))[:7]}{noise}: "
+        f"{text} (PREVIOUS, additive, not in the rule); the two-level steps include the protocol's fresh Fisher "
+        f"batch every step; the paper states the cost but reports no timing; `results/bench/{panel}_cpu.json`")
 
 
 def claims_table(results: Path, profile: str = "paper") -> str:
