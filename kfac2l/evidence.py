@@ -549,10 +549,12 @@ def c3_rule(comps: dict, lows: dict, span: str, interval: str = "unadjusted 95 %
                             f"(n = {span})")
 
 
+@lru_cache(maxsize=8)
 def c3_readings(results: Path, profile: str = "paper", panel: str = "deep_linear_a") -> list[dict]:
     """C3's declared rule re-read, as sensitivity readings (never the status): with every seed
     (the declared reading), with the Wilcoxon-consistent (Hodges-Lehmann) intervals in place of the
-    bootstrap ones, and with each seed left out in turn (Holm still over the family of 9)."""
+    bootstrap ones, and with each seed left out in turn (Holm still over the family of 9). Cached
+    like ``endpoints`` (``kfac2l.report.update`` clears both)."""
     frame = endpoints(results, profile, panel)
     others = [o for o in _present(frame) if o != "kfac"]
     if frame.empty or "kfac" not in set(frame["optimizer"]):
@@ -597,6 +599,7 @@ def c3_sensitivity_table(results: Path, profile: str, panel: str) -> str:
     if not rows:
         return f"_no sensitivity reading below {MIN_PAIRS} pairs_\n"
     frame = endpoints(results, profile, panel)
+    declared = {c.optimizer: c for c in comparisons(results, profile, panel)}
     per = []
     for opt in [o for o in _present(frame) if o != "kfac"]:
         d = paired_differences(frame, opt, "kfac", "best")
@@ -604,9 +607,8 @@ def c3_sensitivity_table(results: Path, profile: str, panel: str) -> str:
         per.append({"optimizer": LABELS[opt], "pairs (n)": len(d), "Hodges-Lehmann estimate": f"{est:+.4f}",
                     f"Wilcoxon-consistent {100 * conf:.1f} % interval":
                         "-" if np.isnan(low) else f"[{low:+.4f}, {high:+.4f}]",
-                    "bootstrap 95 % interval (median)": next(
-                        (f"[{c.ci_low:+.4f}, {c.ci_high:+.4f}]" for c in comparisons(results, profile, panel)
-                         if c.optimizer == opt and c.ci_low is not None), "-")})
+                    "bootstrap 95 % interval (median)": "-" if opt not in declared or declared[opt].ci_low is None
+                        else f"[{declared[opt].ci_low:+.4f}, {declared[opt].ci_high:+.4f}]"})
     note = ("\nSensitivity readings of C3's declared rule (section \"Statistics\"), not its status: the same "
             "rule with the interval that matches the signed-rank test (the Hodges-Lehmann interval: the shifts "
             "the exact Wilcoxon test does not reject, from the Walsh averages) in place of the percentile "

@@ -144,6 +144,7 @@ def render(name: str, results: Path) -> str:
 def update(text: str, results: Path) -> str:
     """``text`` with every marked table and number regenerated from ``results``."""
     evidence.endpoints.cache_clear()
+    evidence.c3_readings.cache_clear()
     text = MARKER.sub(lambda m: m.group(1) + render(m.group("name"), results) + m.group(4), text)
     return VALUE.sub(lambda m: m.group(1) + evidence.value(m.group("key"), results) + m.group(4), text)
 

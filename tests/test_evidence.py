@@ -74,6 +74,7 @@ def test_c3_sensitivity_names_the_seed_that_decides(tmp_path):
     assert status == "not reproduced" and "for 9 of 10 sets (seed 2 left out: contradicted)" in text
     assert "Hodges-Lehmann estimate" in evidence.c3_sensitivity_table(tmp_path, "paper", "deep_linear_a")
     evidence.endpoints.cache_clear()
+    evidence.c3_readings.cache_clear()
 
 
 def test_holm_correction_by_hand():
