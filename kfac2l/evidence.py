@@ -420,19 +420,15 @@ def value(key: str, results: Path) -> str:
         frame = endpoints(results, profile, panel)
         sub = frame[frame["optimizer"] == opt][col]
         return str(len(sub)) if stat == "n" else _g(getattr(sub, stat)())
-    if kind == "paired":
+    if kind in ("paired", "matched"):
         profile, panel, opt, field = parts
-        comp = next((c for c in comparisons(results, profile, panel) if c.optimizer == opt), None)
+        if kind == "paired":
+            comp = next((c for c in comparisons(results, profile, panel) if c.optimizer == opt), None)
+        else:
+            comp = compare(paired_differences(matched_frame(results, profile, panel), opt, "kfac", "best"), opt, "kfac")
         v = None if comp is None else getattr(comp, field)
         if field in ("p", "p_holm"):
             return _p(v)
-        if field in ("lower", "n"):
-            return str(v)
-        return "-" if v is None else f"{v:+.4f}"
-    if kind == "matched":
-        profile, panel, opt, field = parts
-        c = compare(paired_differences(matched_frame(results, profile, panel), opt, "kfac", "best"), opt, "kfac")
-        v = getattr(c, field)
         if field in ("lower", "n"):
             return str(v)
         return "-" if v is None else f"{v:+.4f}"
@@ -560,8 +556,8 @@ def c3_readings(results: Path, profile: str = "paper", panel: str = "deep_linear
     if frame.empty or "kfac" not in set(frame["optimizer"]):
         return []
 
-    def reading(label: str, sub: pd.DataFrame, hl: bool = False) -> dict:
-        comps = {c.optimizer: c for c in family(sub, others) if c.optimizer in PAPER_TWO_LEVEL}
+    def reading(label: str, sub: pd.DataFrame, hl: bool = False, comps: dict | None = None) -> dict:
+        comps = comps or {c.optimizer: c for c in family(sub, others) if c.optimizer in PAPER_TWO_LEVEL}
         n = min((c.n for c in comps.values()), default=0)
         if n < MIN_PAIRS:
             return {}
@@ -574,8 +570,9 @@ def c3_readings(results: Path, profile: str = "paper", panel: str = "deep_linear
                 "lower than KFAC at Holm 0.05": ", ".join(LABELS[o] for o in lower) or "-",
                 "intervals excluding a gain of 0.02": f"{sum(lows[o] > -SMALLEST_EFFECT for o in comps)} of {len(comps)}"}
 
-    rows = [reading("declared: every seed, bootstrap intervals", frame),
-            reading("every seed, Wilcoxon-consistent (Hodges-Lehmann) intervals", frame, hl=True)]
+    every_seed = {c.optimizer: c for c in family(frame, others) if c.optimizer in PAPER_TWO_LEVEL}
+    rows = [reading("declared: every seed, bootstrap intervals", frame, comps=every_seed),
+            reading("every seed, Wilcoxon-consistent (Hodges-Lehmann) intervals", frame, hl=True, comps=every_seed)]
     rows += [reading(f"seed {s} left out", frame[frame["seed"] != s]) for s in sorted(set(frame["seed"]))]
     return [r for r in rows if r]
 
