@@ -81,8 +81,9 @@ def run_endpoints(metrics: pd.DataFrame, threshold: float = THRESHOLD,
 
 
 def load_endpoints(root: str | Path, **options) -> pd.DataFrame:
-    """One row per complete run under ``root``: optimizer, seed, status, lr, damping, commit,
-    diagnostics (whether the run computed the exact reference every step) and the endpoints
+    """One row per complete run under ``root``: optimizer, seed, status, lr, damping, commit, cpu
+    (torch's SIMD capability of the machine that made it, which decides float rounding; None when
+    not recorded), diagnostics (whether the run computed the exact reference every step) and the endpoints
     (``run_endpoints`` with ``options``)."""
     rows = []
     for record in iter_runs(root):
@@ -93,6 +94,7 @@ def load_endpoints(root: str | Path, **options) -> pd.DataFrame:
         opts = s.get("options") or {}
         rows.append({"optimizer": s.get("optimizer"), "seed": int(s.get("seed")), "status": s.get("status"),
                      "lr": s.get("lr"), "damping": s.get("damping"), "commit": s.get("git_commit"),
+                     "cpu": (s.get("machine") or {}).get("cpu_capability"),
                      "diagnostics": bool(opts.get("exact_reference")), "path": str(record.path),
                      **run_endpoints(metrics, **options)})
     return pd.DataFrame(rows)

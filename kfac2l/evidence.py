@@ -157,7 +157,7 @@ def matched_table(results: Path, profile: str, panel: str) -> str:
             "lower than KFAC on": f"{c.lower}/{c.n} seeds",
             "at its own selected setting, same seeds: median difference (n)":
                 f"{at_own.median():+.4f} ({len(at_own)})" if len(at_own) else "same runs",
-            "commits": _commits(frame, (opt, "kfac")),
+            "commits (CPU)": _commits(frame, (opt, "kfac")),
         })
     kfac = frame[frame["optimizer"] == "kfac"]["best"]
     note = (f"\nAll at lr {MATCHED['lr']:g}, damping {MATCHED['damping']:g} (KFAC's selected setting; PREVIOUS, "
@@ -165,8 +165,9 @@ def matched_table(results: Path, profile: str, panel: str) -> str:
             "Difference = optimiser - KFAC on the same seed, median over seeds. Secondary and descriptive: "
             "no test (the declared family is the selected arm's); the bootstrap interval (10000 percentile "
             f"resamples, from {MIN_PAIRS} pairs) is not adjusted for multiplicity. Next to last column: the primary "
-            "family's median difference on the same seeds, where the method's selected damping differs. Commits: the code "
-            "the runs of each pair were made with.\n")
+            "family's median difference on the same seeds, where the method's selected damping differs. "
+            "Commits (CPU): the code the runs of each pair were made with, and torch's SIMD capability of "
+            "the machines that ran it.\n")
     return pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True) + "\n" + note
 
 
@@ -182,7 +183,7 @@ def paired_markdown(frame: pd.DataFrame, comps, endpoint: str, name: str, family
             "paired difference to KFAC, median": f"{c.median_diff:+.4f}",
             "95 % bootstrap interval": "-" if c.ci_low is None else f"[{c.ci_low:+.4f}, {c.ci_high:+.4f}]",
             "lower than KFAC on": f"{c.lower}/{c.n} seeds", "Wilcoxon p": _p(c.p), "Holm p": _p(c.p_holm),
-            "reading": c.verdict, "commits": _commits(frame, (c.optimizer, "kfac")),
+            "reading": c.verdict, "commits (CPU)": _commits(frame, (c.optimizer, "kfac")),
         })
     kfac = frame[frame["optimizer"] == "kfac"][endpoint]
     note = (f"\nKFAC {name}, median {_g(kfac.median())} [min {_g(kfac.min())}, max {_g(kfac.max())}], n = "
@@ -190,16 +191,23 @@ def paired_markdown(frame: pd.DataFrame, comps, endpoint: str, name: str, family
             f"Exact two-sided Wilcoxon signed-rank test; Holm over the declared family of {family_size} "
             f"(comparisons not yet tested count as p = 1); bootstrap: 10000 percentile resamples of the median "
             f"difference, not adjusted for multiplicity. Fewer than {MIN_PAIRS} pairs: descriptive only (no test). "
-            f"Commits: the code the runs of each pair were made with.\n")
+            f"Commits (CPU): the code the runs of each pair were made with, and torch's SIMD capability of the "
+            f"machines that ran it.\n")
     return pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True) + "\n" + note
 
 
 def _commits(frame: pd.DataFrame, optimizers) -> str:
-    """The commits of the runs in the pairs of ``optimizers`` (only the seeds all of them have)."""
+    """The commits of the runs in the pairs of ``optimizers`` (only the seeds all of them have), each
+    with the CPU kinds it ran on (torch's SIMD capability; "unrecorded" for runs without a record)."""
     sub = frame[frame["optimizer"].isin(optimizers)]
     common = set.intersection(*(set(sub[sub["optimizer"] == o]["seed"]) for o in optimizers))
-    sub = sub[sub["seed"].isin(common)]
-    return ", ".join(sorted({str(c)[:7] + ("+dirty" if "dirty" in str(c) else "") for c in sub["commit"].dropna()}))
+    sub = sub[sub["seed"].isin(common) & sub["commit"].notna()]
+    cpus = sub["cpu"] if "cpu" in sub else pd.Series(None, index=sub.index, dtype=object)
+    kinds: dict[str, set[str]] = {}
+    for commit, cpu in zip(sub["commit"], cpus):
+        label = str(commit)[:7] + ("+dirty" if "dirty" in str(commit) else "")
+        kinds.setdefault(label, set()).add(cpu if isinstance(cpu, str) else "unrecorded")
+    return ", ".join(f"{c} ({', '.join(sorted(kinds[c]))})" for c in sorted(kinds))
 
 
 def secondary_table(results: Path, profile: str, panel: str) -> str:

@@ -478,3 +478,15 @@ def test_perseed_table_gives_each_pair_by_hand(tmp_path):
     evidence.endpoints.cache_clear()
     assert [c.strip() for c in lines[2].split("|")[1:-1]] == ["1", "0.5", "+0.0200", "+0.2000"]
     assert [c.strip() for c in lines[3].split("|")[1:-1]] == ["2", "0.6", "-0.0500", "-"]
+
+
+def test_commits_column_names_each_commit_with_the_cpu_kinds_of_the_paired_seeds_only():
+    from kfac2l.evidence import _commits
+    frame = pd.DataFrame({
+        "optimizer": ["kfac", "kfac", "nico", "nico", "nico"],
+        "seed": [1, 2, 1, 2, 3],
+        "commit": ["aaaaaaa111", "bbbbbbb222", "ccccccc333", "ccccccc333", "ddddddd444"],
+        "cpu": [None, "AVX512", "AVX2", "AVX512", "AVX2"],
+    })
+    # seed 3 has no KFAC run, so its commit ddddddd is not in any pair
+    assert _commits(frame, ("nico", "kfac")) == "aaaaaaa (unrecorded), bbbbbbb (AVX512), ccccccc (AVX2, AVX512)"
