@@ -58,6 +58,13 @@ REFBATCH_PANEL = "deep_linear_a_refbatch{}"   # .format(samples of the reference
 REFBATCH_SIZES = (32, 128, 512)
 REFBATCH_OPTIMIZERS = ("kfac", "nico", "kry-nico")
 REFBATCH_EPOCHS = 10
+NOCLIP_PANEL = "deep_linear_a_noclip"
+NOCLIP_OPTIMIZERS = ("kfac", "nico", "residu")
+CLIPGRID_PANEL = "deep_linear_a_clip_lr2_kappa{}"   # .format(kappa) under the lr^2 clip form
+CLIPGRID_KAPPAS = ("1e-3", "1e-4", "1e-5", "1e-6")
+SELECT11_PANEL = "deep_linear_a_select11"
+SELECT11_SEED, SELECT11_EPOCHS, SELECT11_CELLS = 11, 30, 3
+SELECT11_EDGE = ("1", "10")                         # KRY-NICO's damping beyond the grid's edge (1e-1)
 
 
 def _base(results: Path, launcher: str, name: str) -> list[str]:
@@ -82,11 +89,11 @@ def arms(results: Path, launcher: str) -> dict[str, list[list[str]]]:
         "matched": [[*_base(results, launcher, "deep_linear_a_matched"), f"seed={_csv(SEEDS)}",
                      "optimizer=nico,spectral,kry-nico,kry-residu", f"optimizer.lr={MATCHED['lr']}",
                      f"optimizer.damping={MATCHED['damping']}"]],
-        "noclip": _at_selected(results, launcher, "deep_linear_a_noclip", ("kfac", "nico", "residu"),
+        "noclip": _at_selected(results, launcher, NOCLIP_PANEL, NOCLIP_OPTIMIZERS,
                                ["experiment.kl_clip=null", "seed=1,2,3"]),
-        "clipgrid": [[*_base(results, launcher, f"deep_linear_a_clip_lr2_kappa{k}"), "seed=1", "optimizer=kfac",
+        "clipgrid": [[*_base(results, launcher, CLIPGRID_PANEL.format(k)), "seed=1", "optimizer=kfac",
                       "optimizer.lr=0.01", "optimizer.damping=0.001", "+optimizer.options.kl_clip_form=lr_squared",
-                      f"experiment.kl_clip={k}"] for k in ("1e-3", "1e-4", "1e-5", "1e-6")],
+                      f"experiment.kl_clip={k}"] for k in CLIPGRID_KAPPAS],
         "exactref": [[*_base(results, launcher, EXACTREF_PANEL), "seed=1,2,3",
                       f"optimizer={_csv(['kfac', *TWO_LEVEL])}", f"optimizer.lr={MATCHED['lr']}",
                       f"optimizer.damping={MATCHED['damping']}", "profile.max_epochs=20", "diagnostics=true",
@@ -210,12 +217,14 @@ def _select11(results: Path, launcher: str) -> list[list[str]]:
     grid = grid[grid["status"] == "completed"].sort_values("best_train_loss")
     calls = []
     for opt, cells in grid.groupby("optimizer", sort=False):
-        for _, cell in cells.head(3).iterrows():
+        for _, cell in cells.head(SELECT11_CELLS).iterrows():
             damping = "null" if pd.isna(cell["damping"]) else f"{cell['damping']:g}"
-            calls.append([*_base(results, launcher, "deep_linear_a_select11"), "seed=11", f"optimizer={opt}",
-                          f"optimizer.lr={cell['lr']:g}", f"optimizer.damping={damping}", "profile.max_epochs=30"])
-    calls += [[*_base(results, launcher, "deep_linear_a_select11"), "seed=11", "optimizer=kry-nico",
-               "optimizer.lr=0.01", f"optimizer.damping={d}", "profile.max_epochs=30"] for d in ("1", "10")]
+            calls.append([*_base(results, launcher, SELECT11_PANEL), f"seed={SELECT11_SEED}", f"optimizer={opt}",
+                          f"optimizer.lr={cell['lr']:g}", f"optimizer.damping={damping}",
+                          f"profile.max_epochs={SELECT11_EPOCHS}"])
+    calls += [[*_base(results, launcher, SELECT11_PANEL), f"seed={SELECT11_SEED}", "optimizer=kry-nico",
+               "optimizer.lr=0.01", f"optimizer.damping={d}", f"profile.max_epochs={SELECT11_EPOCHS}"]
+              for d in SELECT11_EDGE]
     return calls  # (KRY-NICO's damping beyond the grid's edge, 1e-1, as well)
 
 

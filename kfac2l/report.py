@@ -8,10 +8,12 @@ A table lives between ``<!-- table:NAME -->`` and ``<!-- /table -->``; NAME is
 ``final:<profile>:<panel>`` (best training loss per optimiser over seeds, with the selected
 settings and, where recorded, the distance ratio of Figure 6 and the sign of the gap (4.6)),
 ``ablation:<profile>`` (Figure 7's arms), or one of ``kfac2l.evidence``'s tables (``paired``,
-``secondary``, ``clip``, ``distance``, ``cost``, ``ablation-seed``, ``claims``, ``refbatch``) or of
+``secondary``, ``clip``, ``distance``, ``cost``, ``ablation-seed``, ``claims``, ``refbatch``), of
+``kfac2l.evidence_arms``'s (``clip-arms``, ``select11``) or of
 ``kfac2l.evidence_tko``'s (``tko-paired``, ``tko-descriptive``, ``tko-secondary``, ``tko-depth``,
 ``tko-fidelity``) or of ``kfac2l.evidence_standin``'s (``standin``, ``standin-c1``). An inline
-number lives between ``<!-- value:KEY -->`` and ``<!-- /value -->`` (keys: ``kfac2l.evidence.value``).
+number lives between ``<!-- value:KEY -->`` and ``<!-- /value -->`` (keys: ``kfac2l.evidence.value``,
+and ``arms:...`` of ``kfac2l.evidence_arms.value``).
 Everything is read through ``kfac2l.runs``.
 """
 
@@ -24,7 +26,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from kfac2l import evidence, evidence_standin, evidence_tko
+from kfac2l import evidence, evidence_arms, evidence_standin, evidence_tko
 from kfac2l.io import atomic_write_text
 from kfac2l.names import LABELS, ORDER
 from kfac2l.plots.figures import ABLATION
@@ -112,7 +114,7 @@ PANEL_TABLES = {"paired": evidence.paired_table, "c3-sensitivity": evidence.c3_s
                 "matched": evidence.matched_table, "perseed": evidence.perseed_table,
                 "secondary": evidence.secondary_table, "clip": evidence.clip_table,
                 "distance": evidence.distance_table, "cost": evidence.cost_table,
-                "selection": evidence.selection_table, **evidence_tko.TABLES,
+                "selection": evidence.selection_table, **evidence_arms.TABLES, **evidence_tko.TABLES,
                 **evidence_standin.TABLES}
 
 
@@ -146,7 +148,13 @@ def update(text: str, results: Path) -> str:
     evidence.endpoints.cache_clear()
     evidence.c3_readings.cache_clear()
     text = MARKER.sub(lambda m: m.group(1) + render(m.group("name"), results) + m.group(4), text)
-    return VALUE.sub(lambda m: m.group(1) + evidence.value(m.group("key"), results) + m.group(4), text)
+    return VALUE.sub(lambda m: m.group(1) + _value(m.group("key"), results) + m.group(4), text)
+
+
+def _value(key: str, results: Path) -> str:
+    """An inline number: ``arms:...`` keys from ``kfac2l.evidence_arms``, the others from ``kfac2l.evidence``."""
+    kind, _, rest = key.partition(":")
+    return evidence_arms.value(rest, results) if kind == "arms" else evidence.value(key, results)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -490,3 +490,25 @@ def test_commits_column_names_each_commit_with_the_cpu_kinds_of_the_paired_seeds
     })
     # seed 3 has no KFAC run, so its commit ddddddd is not in any pair
     assert _commits(frame, ("nico", "kfac")) == "aaaaaaa (unrecorded), bbbbbbb (AVX512), ccccccc (AVX2, AVX512)"
+
+
+def test_c4_reads_the_exactref_arm_once_every_two_level_method_has_its_three_seeds(tmp_path):
+    """Declared rule: C4's rows read the exactref arm (one damping) only when all seven two-level
+    methods have seeds 1-3 with diagnostics there; then C4b's evidence says the damping is common."""
+    from test_plots import _write_run
+
+    from kfac2l import evidence
+    from kfac2l.names import TWO_LEVEL
+    from kfac2l.plan import EXACTREF_PANEL
+
+    diag = pd.DataFrame({"iteration": [1, 2], "gap": [-1.0, -1.0], "dist_kfac": [1.0, 1.0],
+                         "dist_two_level": [0.4, 0.4], "rel_dist_kfac": [1.1, 1.1]})
+    for opt in TWO_LEVEL:
+        for seed in (1, 2, 3) if opt != "taylor" else (1, 2):
+            _write_run(tmp_path, EXACTREF_PANEL, opt, seed, [1.0, 0.5], diag=diag, profile="paper")
+    assert evidence.c4_panel(tmp_path, "paper") == "deep_linear_a"
+    _write_run(tmp_path, EXACTREF_PANEL, "taylor", 3, [1.0, 0.5], diag=diag, profile="paper")
+    assert evidence.c4_panel(tmp_path, "paper") == EXACTREF_PANEL
+    b_row = evidence.c4_rows(tmp_path, "paper", EXACTREF_PANEL)[1]
+    assert b_row[2] == "descriptive only (threshold fixed post hoc): in line with the claim"
+    assert "3-3 runs per method, seed 1, 2, 3" in b_row[3] and "every run at damping 0.1" in b_row[3]
