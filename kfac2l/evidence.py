@@ -12,6 +12,7 @@ Inline numbers (``<!-- value:KEY -->...<!-- /value -->``), KEY one of
 ``endpoint:PROFILE:PANEL:OPTIMIZER:ENDPOINT:STAT`` (STAT median, min, max, n) or
 ``paired:PROFILE:PANEL:OPTIMIZER:FIELD`` (FIELD median_diff, ci_low, ci_high, lower, n, p, p_holm) or
 ``matched:PROFILE:PANEL:OPTIMIZER:FIELD`` (the matched arm's pairs: median_diff, ci_low, ci_high, lower, n) or
+``matched-reading:PROFILE:PANEL`` (``matched_reading``) or
 ``distance:PROFILE:PANEL:COLUMN:STAT:SCOPE`` (``distance_value``).
 """
 
@@ -28,6 +29,7 @@ from kfac2l.analysis import (
     CHECKPOINT_EPOCHS,
     FAMILY_SIZE,
     MIN_PAIRS,
+    PLANNED_PAIRS,
     SMALLEST_EFFECT,
     THRESHOLD,
     compare,
@@ -169,6 +171,33 @@ def matched_table(results: Path, profile: str, panel: str) -> str:
             "Commits (CPU): the code the runs of each pair were made with, and torch's SIMD capability of "
             "the machines that ran it.\n")
     return pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True) + "\n" + note
+
+
+def matched_reading(results: Path, profile: str, panel: str) -> str:
+    """The matched arm's reading, by the guidance declared before its last seeds (2026-12-02, session
+    9; the interval rule made explicit in session 10, before seeds 9-10 of SPECTRAL, KRY-NICO and
+    KRY-RESIDU ran): none until every method of the arm has PLANNED_PAIRS pairs; then a method is
+    *behind* KFAC at KFAC's setting when its bootstrap interval lies above 0, *ahead* when below 0,
+    *not separated* otherwise. Ahead would point to the selection, not the method, as the source of
+    the primary family's differences; behind adds little (the setting was chosen for KFAC)."""
+    frame = matched_frame(results, profile, panel)
+    own = sorted({o for o, p in zip(frame["optimizer"], frame["path"]) if Path(p).parts[-3] == panel},
+                 key=ORDER.index) if not frame.empty else []
+    comps = {o: compare(paired_differences(frame, o, "kfac", "best"), o, "kfac") for o in own}
+    short = [f"{LABELS[o]} {c.n}" for o, c in comps.items() if c.n < PLANNED_PAIRS]
+    if not comps or short:
+        return f"no reading yet (pairs so far: {', '.join(short) or 'none'}; {PLANNED_PAIRS} each are planned)"
+    side = {o: "behind" if c.ci_low > 0 else "ahead of" if c.ci_high < 0 else "not separated from"
+            for o, c in comps.items()}
+    parts = [f"{LABELS[o]} {side[o]} KFAC ({c.median_diff:+.4f} [{c.ci_low:+.4f}, {c.ci_high:+.4f}])"
+             for o, c in comps.items()]
+    ahead = [LABELS[o] for o in own if side[o] == "ahead of"]
+    verdict = (f"{', '.join(ahead)} ahead of KFAC at KFAC's own setting: this points to the selection, not the "
+               "method, as a source of the primary family's differences" if ahead else
+               "no method ahead of KFAC at KFAC's own setting, so nothing here points to the selection as the "
+               "source of the primary family's differences; being behind at a setting chosen for KFAC adds little")
+    return (f"at n = {PLANNED_PAIRS} pairs each (median paired difference, 95 % bootstrap interval): "
+            + "; ".join(parts) + f". Reading: {verdict}")
 
 
 def paired_markdown(frame: pd.DataFrame, comps, endpoint: str, name: str, family_size: int) -> str:
@@ -440,6 +469,9 @@ def value(key: str, results: Path) -> str:
         if field in ("lower", "n"):
             return str(v)
         return "-" if v is None else f"{v:+.4f}"
+    if kind == "matched-reading":
+        profile, panel = parts
+        return matched_reading(results, profile, panel)
     if kind == "variance":
         profile, panel, part = parts
         shares = variance_shares(results, profile, panel)
@@ -447,7 +479,8 @@ def value(key: str, results: Path) -> str:
     if kind == "distance":
         profile, panel, column, stat, scope = parts
         return _g(distance_value(results, profile, panel, column, stat, scope), 4 if column == "ratio" else 3)
-    raise ValueError(f"unknown value kind {kind!r}; valid: endpoint, paired, matched, variance, distance")
+    raise ValueError(f"unknown value kind {kind!r}; valid: endpoint, paired, matched, matched-reading, variance, "
+                     "distance")
 
 
 def distance_value(results: Path, profile: str, panel: str, column: str, stat: str, scope: str) -> float:

@@ -512,3 +512,25 @@ def test_c4_reads_the_exactref_arm_once_every_two_level_method_has_its_three_see
     b_row = evidence.c4_rows(tmp_path, "paper", EXACTREF_PANEL)[1]
     assert b_row[2] == "descriptive only (threshold fixed post hoc): in line with the claim"
     assert "3-3 runs per method, seed 1, 2, 3" in b_row[3] and "every run at damping 0.1" in b_row[3]
+
+
+def test_matched_reading_waits_for_ten_pairs_then_reads_the_intervals(tmp_path):
+    """NICO's matched runs are -0.003 x seed below KFAC (interval below 0: ahead, which points to
+    the selection); SPECTRAL's +0.05 + 0.001 x seed above (behind). With 9 seeds of SPECTRAL: no reading."""
+    from kfac2l import evidence
+
+    for seed in range(1, 11):
+        kfac = 0.5 + 0.01 * seed
+        _run_at(tmp_path, "deep_linear_a", "kfac", seed, kfac, 0.001)
+        _run_at(tmp_path, "deep_linear_a_matched", "nico", seed, kfac - 0.003 * seed, 0.001)
+        if seed < 10:
+            _run_at(tmp_path, "deep_linear_a_matched", "spectral", seed, kfac + 0.05 + 0.001 * seed, 0.001)
+    key = "matched-reading:paper:deep_linear_a_matched"
+    evidence.endpoints.cache_clear()
+    assert evidence.value(key, tmp_path) == "no reading yet (pairs so far: SPECTRAL 9; 10 each are planned)"
+    _run_at(tmp_path, "deep_linear_a_matched", "spectral", 10, 0.6 + 0.06, 0.001)
+    evidence.endpoints.cache_clear()
+    text = evidence.value(key, tmp_path)
+    evidence.endpoints.cache_clear()
+    assert "NICO ahead of KFAC (-0.0165 [" in text and "SPECTRAL behind KFAC (+0.0555 [" in text
+    assert "Reading: NICO ahead of KFAC at KFAC's own setting: this points to the selection" in text
