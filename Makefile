@@ -57,8 +57,9 @@ readme: $(STAMP)
 	$(BIN)/python scripts/report.py
 
 # Do the committed results still reproduce at this commit? 2 epochs of one run per optimiser, arm and commit, bit for bit.
+# RECHECK_ARGS="--record results/recheck/NAME.json" keeps the outcomes (the report's recheck table).
 recheck: $(STAMP) fashion-mnist
-	OMP_NUM_THREADS=1 $(BIN)/python scripts/recheck.py
+	OMP_NUM_THREADS=1 $(BIN)/python scripts/recheck.py $(RECHECK_ARGS)
 
 # The paper-profile evidence on deep linear A (hours on a laptop; resumable: rerun to continue).
 evidence: $(STAMP) fashion-mnist

@@ -9,7 +9,8 @@ A table lives between ``<!-- table:NAME -->`` and ``<!-- /table -->``; NAME is
 settings and, where recorded, the distance ratio of Figure 6 and the sign of the gap (4.6)),
 ``ablation:<profile>`` (Figure 7's arms), or one of ``kfac2l.evidence``'s tables (``paired``,
 ``secondary``, ``clip``, ``distance``, ``cost``, ``ablation-seed``, ``claims``, ``refbatch``), of
-``kfac2l.evidence_arms``'s (``clip-arms``, ``select11``) or of
+``kfac2l.evidence_arms``'s (``clip-arms``, ``select11``), ``recheck:<profile>`` (``kfac2l.evidence_recheck``: the
+committed records of ``kfac2l.recheck --record``) or of
 ``kfac2l.evidence_tko``'s (``tko-paired``, ``tko-descriptive``, ``tko-secondary``, ``tko-depth``,
 ``tko-fidelity``) or of ``kfac2l.evidence_standin``'s (``standin``, ``standin-c1``). An inline
 number lives between ``<!-- value:KEY -->`` and ``<!-- /value -->`` (keys: ``kfac2l.evidence.value``,
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from kfac2l import evidence, evidence_arms, evidence_standin, evidence_tko
+from kfac2l import evidence, evidence_arms, evidence_recheck, evidence_standin, evidence_tko
 from kfac2l.io import atomic_write_text
 from kfac2l.names import LABELS, ORDER
 from kfac2l.plots.figures import ABLATION
@@ -135,11 +136,14 @@ def render(name: str, results: Path) -> str:
         return evidence.fidelity_table(results, rest)
     if kind == "refbatch":
         return evidence.refbatch_table(results, rest)
+    if kind == "recheck":
+        return evidence_recheck.recheck_table(results, rest)
     if kind in PANEL_TABLES:
         profile, _, panel = rest.partition(":")
         return PANEL_TABLES[kind](results, profile, panel)
     raise ValueError(f"unknown table {name!r}; valid: final:<profile>:<panel>, ablation:<profile>, bench:<panel>, "
                      f"ablation-seed:<profile>, claims:<profile>, refbatch:<profile>, fidelity:<profile>, "
+                     f"recheck:<profile>, "
                      f"{', '.join(PANEL_TABLES)}:<profile>:<panel>")
 
 

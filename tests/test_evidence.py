@@ -150,7 +150,7 @@ def test_every_step_records_the_kl_clip_factor(data_root, tmp_path):
 
 
 def test_recheck_reproduces_a_run_bit_for_bit_and_reports_a_changed_file(data_root, tmp_path, capsys):
-    from kfac2l.recheck import check_run, main, pick_runs
+    from kfac2l.recheck import check_run, main, pick_runs, select_runs
     from kfac2l.train import train
 
     root = tmp_path / "final" / "paper"
@@ -164,6 +164,10 @@ def test_recheck_reproduces_a_run_bit_for_bit_and_reports_a_changed_file(data_ro
     seed2.write_text(json.dumps({**json.loads(seed2.read_text()), "git_commit": "0" * 40}))
     assert sorted((r.summary["optimizer"], r.summary["seed"]) for r in pick_runs(root)) == [
         ("kfac", 1), ("kfac", 2), ("sgd", 1)]  # one run per commit
+    seed2.write_text(json.dumps({**json.loads(seed2.read_text()), "git_commit": picked[0].summary["git_commit"]}))
+    assert [r.summary["seed"] for r in select_runs(root, optimizers=["kfac"])] == [1, 2]  # every run selected
+    assert [r.summary["optimizer"] for r in select_runs(root, seeds=[1])] == ["kfac", "sgd"]
+    assert select_runs(root, arms=["other"], seeds=[1]) == []
     kfac = next(r for r in picked if r.summary["optimizer"] == "kfac")
     assert check_run(kfac, epochs=2).ok
     metrics = kfac.path / "metrics.csv"
@@ -176,9 +180,15 @@ def test_recheck_reproduces_a_run_bit_for_bit_and_reports_a_changed_file(data_ro
     # the changed run made on this kind of machine fails the recheck
     seed2.write_text(json.dumps({**json.loads(seed2.read_text()), "machine": {"cpu_capability": "OTHER", "torch": "0"}}))
     capsys.readouterr()
-    assert main(["--results", str(tmp_path / "final"), "--epochs", "2"]) == 1
+    record = tmp_path / "recheck" / "record.json"
+    assert main(["--results", str(tmp_path / "final"), "--epochs", "2", "--record", str(record)]) == 1
     out = capsys.readouterr().out
     assert "other machine  panel/kfac/seed=2" in out and "1 runs reproduce bit for bit, 1 made on this" in out
+    written = json.loads(record.read_text())
+    assert written["counts"] == {"same": 1, "DIFFERENT": 1, "other machine": 1, "different, machine not recorded": 0}
+    assert {(e["run"], e["outcome"], e["epochs"]) for e in written["runs"]} == {
+        ("panel/kfac/seed=1", "DIFFERENT", 2), ("panel/kfac/seed=2", "other machine", 0), ("panel/sgd/seed=1", "same", 2)}
+    assert written["machine"]["cpu_capability"] and written["epochs"] == 2
 
 
 def test_report_and_readme_agree_with_committed_results():
@@ -534,3 +544,23 @@ def test_matched_reading_waits_for_ten_pairs_then_reads_the_intervals(tmp_path):
     evidence.endpoints.cache_clear()
     assert "NICO ahead of KFAC (-0.0165 [" in text and "SPECTRAL behind KFAC (+0.0555 [" in text
     assert "Reading: NICO ahead of KFAC at KFAC's own setting: this points to the selection" in text
+
+
+def test_recheck_table_has_one_row_per_committed_record(tmp_path):
+    from kfac2l.evidence_recheck import recheck_table
+
+    assert "no recheck records" in recheck_table(tmp_path, "paper")
+    folder = tmp_path / "recheck"
+    folder.mkdir()
+    machine = {"cpu": "Some CPU", "cpu_capability": "AVX512", "torch": "2.14.1"}
+    runs = [{"run": "a/kfac/best,seed=2", "made_with": "46d4291aaa", "outcome": "same", "epochs": 84, "epochs_run": 84}]
+    (folder / "one.json").write_text(json.dumps({
+        "commit": "abcdef1234", "profile": "paper", "machine": machine, "date": "2026-12-02T20:00:00+00:00",
+        "epochs": 1000, "selection": {"arms": ["a"], "optimizers": ["kfac"], "seeds": [2]},
+        "counts": {"same": 1, "DIFFERENT": 0, "other machine": 0, "different, machine not recorded": 0}, "runs": runs}))
+    (folder / "two.json").write_text(json.dumps({
+        "commit": "abcdef1234", "profile": "quick", "machine": machine, "counts": {}, "runs": []}))
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in recheck_table(tmp_path, "paper").splitlines()
+            if line.startswith("| ") and "record" not in line]
+    assert rows == [["one.json", "2026-12-02", "abcdef1", "Some CPU (AVX512, torch 2.14.1)",
+                     "arms a; optimizers kfac; seeds 2", "46d4291", "84 (whole runs)", "1", "0", "0", "0"]]
