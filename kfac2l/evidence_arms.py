@@ -7,9 +7,10 @@ Tables (``<!-- table:KIND:PROFILE:PANEL -->``, PANEL the selected arm's, ``deep_
 seed and setting (the paper's unscaled clip, kappa 1e-2); ``select11`` the three best cells of each
 optimiser's seed-0 grid, rerun on seed 11, ranked on both seeds.
 Inline numbers (``<!-- value:arms:KEY -->``): ``arms:select11:PROFILE:PANEL:BUDGET`` (BUDGET ``grid`` or
-``full``: how many optimisers' seed-0 choice also ranks first on seed 11, of how many), and
+``full``: how many optimisers' seed-0 choice held on seed 11, of how many; ``epochs``: the grid's budget), and
 ``arms:clip:PROFILE:PANEL:ARM:OPTIMIZER:STAT`` (ARM ``noclip`` or a kappa of ``CLIPGRID_KAPPAS``; STAT
-``median``, ``min``, ``max`` of the difference to the clipped run, or ``n``).
+``median``, ``min``, ``max`` of the difference to the clipped run, or ``n``), and
+``arms:clip-reading:PROFILE:PANEL`` (``clip_reading``, the declared rule).
 """
 
 from __future__ import annotations
@@ -19,11 +20,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from kfac2l.analysis import SMALLEST_EFFECT
 from kfac2l.names import LABELS, ORDER
 from kfac2l.plan import (
     CLIPGRID_KAPPAS,
     CLIPGRID_PANEL,
+    NOCLIP_OPTIMIZERS,
     NOCLIP_PANEL,
+    NOCLIP_SEEDS,
     SELECT11_EPOCHS,
     SELECT11_PANEL,
     SELECT11_SEED,
@@ -31,6 +35,8 @@ from kfac2l.plan import (
 from kfac2l.runs import iter_runs
 
 GRID_EPOCHS = 10   # the grid's budget where its table does not record one (max_epochs)
+FAILED = ("diverged", "failed")   # a run that ended so counts as higher than any run that did not
+SHOWN = ("completed", *FAILED)    # statuses of runs the tables show (not running or interrupted ones)
 
 
 def _g(x, digits: int = 3) -> str:
@@ -66,7 +72,9 @@ def clip_arms(profile_root: Path, selected: str) -> pd.DataFrame:
         (k, f"lr^2 form, kappa {k}", CLIPGRID_PANEL.format(k)) for k in CLIPGRID_KAPPAS]
     rows = []
     for key, label, panel in arms:
-        for record in iter_runs(profile_root / panel):
+        for record in iter_runs(profile_root / panel, complete_only=False):
+            if record.summary.get("status") not in SHOWN:
+                continue
             s = record.summary
             ref = base.get((s["optimizer"], int(s["seed"])))
             if ref is not None and not (_same(ref.get("lr"), s.get("lr")) and _same(ref.get("damping"), s.get("damping"))):
@@ -95,7 +103,7 @@ def clip_arms_table(results: Path, profile: str, panel: str) -> str:
     frame = frame.sort_values(["_o", "arm", "seed"], key=lambda c: c.map(_arm_rank) if c.name == "arm" else c)
     out = pd.DataFrame({
         "arm": frame["label"], "optimizer": frame["optimizer"].map(LABELS), "seed": frame["seed"].astype(str),
-        "setting": frame["setting"], "best loss": frame["best"].map(lambda v: _g(v, 4)),
+        "setting": frame["setting"], "status": frame["status"], "best loss": frame["best"].map(lambda v: _g(v, 4)),
         "with the unscaled clip, kappa 1e-2 (same seed)": frame["clipped_best"].map(lambda v: _g(v, 4)),
         "difference": frame["difference"].map(lambda v: "-" if pd.isna(v) else f"{v:+.4f}"),
         "steps clipped (nu < 1)": frame["clipped_share"].map(lambda v: "-" if v is None or pd.isna(v)
@@ -103,12 +111,45 @@ def clip_arms_table(results: Path, profile: str, panel: str) -> str:
         "median nu": frame["nu_median"].map(_g),
         "commits (CPU): this run / the clipped one": frame["code"]})
     return out.to_markdown(index=False, disable_numparse=True) + (
-        "\n\nOne row per run (descriptive: 3 seeds or 1, no test). Difference: this run's best training loss minus "
-        "that of the selected arm's run of the same optimiser, seed, lr and damping, which clips with the paper's "
-        "unscaled form at kappa 1e-2 (negative: lower without it). Steps clipped: the share of iterations whose "
+        "\n\nOne row per run that completed, diverged or failed (descriptive: 3 seeds or 1, no test). Best loss: "
+        "the lowest epoch training loss (for a diverged run, before it diverged). Difference: this run's best "
+        "training loss minus that of the selected arm's run of the same optimiser, seed, lr and damping, which clips "
+        "with the paper's unscaled form at kappa 1e-2 (negative: this arm's run is lower). Steps clipped: the share "
+        "of iterations whose "
         "clip factor nu (the factor applied to the step) is below 1; '-' where the run does not clip. Commits "
         "(CPU): the code of each run and torch's SIMD capability of the machine that ran it; a pair that crosses "
         "them adds the rerun noise of section \"Statistics\".\n")
+
+
+def clip_reading(results: Path, profile: str, panel: str) -> str:
+    """The clip arms read by the rule declared before they ran (2026-12-02, session 10, margin
+    ``SMALLEST_EFFECT``; a diverged or failed run counts as higher). No clip: *needed* when every
+    run without it ends more than the margin above its clipped pair or diverges, *not needed* when
+    none does, *mixed* otherwise. The lr^2 form (KFAC, seed 1): the kappas whose run ends within the
+    margin of the unscaled clip's, or lower; with one, the clip's strength decides, not its form."""
+    frame = clip_arms(Path(results) / "final" / profile, panel)
+    higher = (frame["status"].isin(FAILED) | (frame["difference"] > SMALLEST_EFFECT)) if len(frame) else frame
+    parts = []
+    noclip = frame[frame["arm"] == "noclip"] if len(frame) else frame
+    expected = len(NOCLIP_OPTIMIZERS) * len(NOCLIP_SEEDS)
+    if len(noclip) < expected or noclip["clipped_best"].isna().any():
+        parts.append(f"without the clip: no reading yet ({len(noclip)} of {expected} runs paired)")
+    else:
+        k = int(higher[noclip.index].sum())
+        side = ("needed: every run without it ends higher or diverges" if k == expected else
+                "not needed here: no run without it ends higher" if k == 0 else
+                f"mixed: {k} of {expected} runs without it end higher or diverge")
+        parts.append(f"the clip is {side} (higher: by more than {SMALLEST_EFFECT:g} in best loss)")
+    grid = frame[frame["arm"] != "noclip"] if len(frame) else frame
+    if len(grid) < len(CLIPGRID_KAPPAS) or grid["clipped_best"].isna().any():
+        parts.append(f"the lr^2 form: no reading yet ({len(grid)} of {len(CLIPGRID_KAPPAS)} kappas)")
+    else:
+        reach = [k for k, h in zip(grid["arm"], higher[grid.index]) if not h]
+        parts.append(f"under the lr^2 form kappa {', '.join(reach)} reach the unscaled clip's seed-1 loss within "
+                     f"{SMALLEST_EFFECT:g}: the clip's strength decides, not its form (one seed)" if reach else
+                     f"no kappa of the lr^2 grid reaches the unscaled clip's seed-1 loss within {SMALLEST_EFFECT:g} "
+                     "(one seed: the form may matter, not shown)")
+    return "; ".join(parts)
 
 
 def _arm_rank(arm: str) -> int:
@@ -129,16 +170,18 @@ def _at_cell(cells: pd.DataFrame, lr, damping) -> np.ndarray:
 
 
 def select11_frame(results: Path, profile: str, panel: str) -> pd.DataFrame:
-    """Per run of the ``select11`` arm: its cell, its seed-0 grid loss and rank (the grid's budget,
-    ``max_epochs`` of its table), and on seed 11 its best loss within the same budget and within ``SELECT11_EPOCHS``
-    epochs, with the ranks among the optimiser's cells run on seed 11."""
+    """Per run of the ``select11`` arm (completed, diverged or failed): its cell, its seed-0 grid
+    loss and rank (the grid's budget, ``max_epochs`` of its table), and on seed 11 its best loss
+    within the same budget and within ``SELECT11_EPOCHS`` epochs, each ranked among the optimiser's
+    grid cells run there (a diverged or failed run last; cells beyond the grid are not ranked)."""
     grid = _grid(results, profile, panel)
     budget = int(grid["max_epochs"].max()) if "max_epochs" in grid and grid["max_epochs"].notna().any() else GRID_EPOCHS
     rows = []
-    for record in iter_runs(Path(results) / "final" / profile / SELECT11_PANEL):
+    for record in iter_runs(Path(results) / "final" / profile / SELECT11_PANEL, complete_only=False):
         s, metrics = record.summary, record.read_csv("metrics.csv")
-        if metrics is None or metrics.empty or int(s.get("seed", -1)) != SELECT11_SEED:
+        if s.get("status") not in SHOWN or int(s.get("seed", -1)) != SELECT11_SEED:
             continue
+        metrics = metrics if metrics is not None else pd.DataFrame({"epoch": [], "train_loss": []})
         cells = grid[grid["optimizer"] == s["optimizer"]].sort_values("best_train_loss") if len(grid) else grid
         at = _at_cell(cells, s.get("lr"), s.get("damping")) if len(cells) else []
         rank = int(np.flatnonzero(at)[0]) + 1 if np.any(at) else None
@@ -146,22 +189,31 @@ def select11_frame(results: Path, profile: str, panel: str) -> pd.DataFrame:
         rows.append({"optimizer": s["optimizer"], "lr": s.get("lr"), "damping": s.get("damping"),
                      "grid_loss": cells["best_train_loss"].iloc[rank - 1] if rank else np.nan, "grid_rank": rank,
                      "grid_cells": len(cells), "grid_epochs": budget,
-                     "at_grid_budget": loss[metrics["epoch"] <= budget].min(),
-                     "full": loss.min(), "epochs": int(metrics["epoch"].max()), "status": s.get("status")})
+                     "at_grid_budget": loss[metrics["epoch"] <= budget].min(), "full": loss.min(),
+                     "epochs": int(metrics["epoch"].max()) if len(metrics) else 0, "status": s.get("status")})
     frame = pd.DataFrame(rows)
     if frame.empty:
         return frame
+    in_grid, failed = frame["grid_rank"].notna(), frame["status"].isin(FAILED)
     for col in ("at_grid_budget", "full"):
-        frame[f"{col}_rank"] = frame.groupby("optimizer")[col].rank(method="min").astype("Int64")
+        ranked = frame[col].where(~failed, np.inf).fillna(np.inf).where(in_grid)
+        frame[f"{col}_rank"] = ranked.groupby(frame["optimizer"]).rank(method="min").astype("Int64")
+        best = ranked.groupby(frame["optimizer"]).transform("min")
+        frame[f"{col}_behind"] = ranked - best   # how far above the optimiser's lowest grid cell on seed 11
     return frame
 
 
 def select11_held(frame: pd.DataFrame, budget: str) -> tuple[int, int]:
-    """How many optimisers' seed-0 choice (grid rank 1) also ranks first on seed 11 at ``budget``
-    (``grid``: the grid's epochs; ``full``: ``SELECT11_EPOCHS``), and of how many with that cell run."""
-    col = "at_grid_budget_rank" if budget == "grid" else "full_rank"
+    """The declared reading (2026-12-02, session 10, before any select11 run): an optimiser's seed-0
+    choice *held* when on seed 11 it ranks first among its grid cells or ends within SMALLEST_EFFECT
+    of the first (and did not diverge or fail); ``budget`` ``grid`` (the grid's epochs, like with like:
+    the primary reading) or ``full`` (``SELECT11_EPOCHS``). Returns (held, optimisers with the choice run)."""
+    col = "at_grid_budget" if budget == "grid" else "full"
     chosen = frame[frame["grid_rank"] == 1] if not frame.empty else frame
-    return int((chosen[col] == 1).sum()) if len(chosen) else 0, len(chosen)
+    if not len(chosen):
+        return 0, 0
+    held = (chosen[f"{col}_rank"] == 1) | (chosen[f"{col}_behind"] <= SMALLEST_EFFECT)
+    return int(held.sum()), len(chosen)
 
 
 def select11_table(results: Path, profile: str, panel: str) -> str:
@@ -190,14 +242,15 @@ def select11_table(results: Path, profile: str, panel: str) -> str:
             cell(v, r) for v, r in zip(frame["at_grid_budget"], frame["at_grid_budget_rank"])],
         f"seed {SELECT11_SEED}, {SELECT11_EPOCHS} epochs (rank)": [
             cell(v, r) for v, r in zip(frame["full"], frame["full_rank"])],
-        "epochs run": frame["epochs"].astype(str)})
+        "status": frame["status"], "epochs run": frame["epochs"].astype(str)})
     held = {b: select11_held(frame, b) for b in ("grid", "full")}
     return out.to_markdown(index=False, disable_numparse=True) + (
-        f"\n\nRanks on seed {SELECT11_SEED} are among the cells of the same optimiser run there (1 = lowest loss). "
-        f"The seed-0 choice ranks first on seed {SELECT11_SEED} for {held['grid'][0]} of {held['grid'][1]} "
-        f"optimisers within the grid's budget and for {held['full'][0]} of {held['full'][1]} within "
-        f"{SELECT11_EPOCHS} epochs (early stopping as in the protocol; 'epochs run'). One seed: descriptive, "
-        "no test.\n")
+        f"\n\nRanks on seed {SELECT11_SEED} are among the optimiser's grid cells run there (1 = lowest best loss; "
+        "a diverged or failed run last; a cell beyond the grid is shown, not ranked). Held (declared before the "
+        f"runs): the seed-0 choice ranks first on seed {SELECT11_SEED} or ends within {SMALLEST_EFFECT:g} of the "
+        f"first: {held['grid'][0]} of {held['grid'][1]} optimisers within the grid's {budget} epochs (the primary "
+        f"reading, like with like), {held['full'][0]} of {held['full'][1]} within {SELECT11_EPOCHS} epochs (early "
+        "stopping as in the protocol; 'epochs run'). One seed: descriptive, no test.\n")
 
 
 def value(key: str, results: Path) -> str:
@@ -205,8 +258,13 @@ def value(key: str, results: Path) -> str:
     kind, *parts = key.split(":")
     if kind == "select11":
         profile, panel, budget = parts
-        held, of = select11_held(select11_frame(results, profile, panel), budget)
+        frame = select11_frame(results, profile, panel)
+        if budget == "epochs":
+            return str(int(frame["grid_epochs"].iloc[0])) if len(frame) else "-"
+        held, of = select11_held(frame, budget)
         return f"{held} of {of}"
+    if kind == "clip-reading":
+        return clip_reading(results, *parts)
     if kind == "clip":
         profile, panel, arm, opt, stat = parts
         frame = clip_arms(Path(results) / "final" / profile, panel)
@@ -214,7 +272,7 @@ def value(key: str, results: Path) -> str:
         if stat == "n":
             return str(len(sub))
         return "-" if not len(sub) else f"{getattr(sub, stat)():+.4f}"
-    raise ValueError(f"unknown value kind arms:{kind!r}; valid: arms:select11, arms:clip")
+    raise ValueError(f"unknown value kind arms:{kind!r}; valid: arms:select11, arms:clip, arms:clip-reading")
 
 
 TABLES = {"clip-arms": clip_arms_table, "select11": select11_table}

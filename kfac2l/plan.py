@@ -54,12 +54,14 @@ SEEDS = list(range(1, 11))
 CURVATURE = [o for o in PAPER_OPTIMIZERS if o not in NO_CURVATURE]
 MATCHED = {"lr": 1e-2, "damping": 1e-3}
 EXACTREF_PANEL = "deep_linear_a_matched_exactref"
+EXACTREF_SEEDS, EXACTREF_EPOCHS = 3, 20
 REFBATCH_PANEL = "deep_linear_a_refbatch{}"   # .format(samples of the reference's own Fisher batch)
 REFBATCH_SIZES = (32, 128, 512)
 REFBATCH_OPTIMIZERS = ("kfac", "nico", "kry-nico")
 REFBATCH_EPOCHS = 10
 NOCLIP_PANEL = "deep_linear_a_noclip"
 NOCLIP_OPTIMIZERS = ("kfac", "nico", "residu")
+NOCLIP_SEEDS = (1, 2, 3)
 CLIPGRID_PANEL = "deep_linear_a_clip_lr2_kappa{}"   # .format(kappa) under the lr^2 clip form
 CLIPGRID_KAPPAS = ("1e-3", "1e-4", "1e-5", "1e-6")
 SELECT11_PANEL = "deep_linear_a_select11"
@@ -90,13 +92,14 @@ def arms(results: Path, launcher: str) -> dict[str, list[list[str]]]:
                      "optimizer=nico,spectral,kry-nico,kry-residu", f"optimizer.lr={MATCHED['lr']}",
                      f"optimizer.damping={MATCHED['damping']}"]],
         "noclip": _at_selected(results, launcher, NOCLIP_PANEL, NOCLIP_OPTIMIZERS,
-                               ["experiment.kl_clip=null", "seed=1,2,3"]),
+                               ["experiment.kl_clip=null", f"seed={_csv(NOCLIP_SEEDS)}"]),
         "clipgrid": [[*_base(results, launcher, CLIPGRID_PANEL.format(k)), "seed=1", "optimizer=kfac",
                       "optimizer.lr=0.01", "optimizer.damping=0.001", "+optimizer.options.kl_clip_form=lr_squared",
                       f"experiment.kl_clip={k}"] for k in CLIPGRID_KAPPAS],
-        "exactref": [[*_base(results, launcher, EXACTREF_PANEL), "seed=1,2,3",
+        "exactref": [[*_base(results, launcher, EXACTREF_PANEL), f"seed={_csv(range(1, EXACTREF_SEEDS + 1))}",
                       f"optimizer={_csv(['kfac', *TWO_LEVEL])}", f"optimizer.lr={MATCHED['lr']}",
-                      f"optimizer.damping={MATCHED['damping']}", "profile.max_epochs=20", "diagnostics=true",
+                      f"optimizer.damping={MATCHED['damping']}", f"profile.max_epochs={EXACTREF_EPOCHS}",
+                      "diagnostics=true",
                       "exact_reference=true"]],
     }
     out["refbatch"] = [[*_base(results, launcher, REFBATCH_PANEL.format(n)), "seed=1",

@@ -120,7 +120,9 @@ def check_run(record: RunRecord, epochs: int = 2, data_root: str | None = None) 
     finally:
         torch.set_num_threads(threads)
     mismatches = []
-    for epoch in range(epochs):
+    if len(fresh) < epochs:  # the rerun stopped earlier (diverged or stopped early where the run went on)
+        mismatches.append(f"the rerun stopped after epoch {len(fresh)}, the committed run went on to epoch {epochs}")
+    for epoch in range(min(epochs, len(fresh))):
         for col in COMPARED:
             old, new = committed[col].iloc[epoch], fresh[col].iloc[epoch]
             if not (old == new or (pd.isna(old) and pd.isna(new))):
