@@ -39,7 +39,7 @@ def recheck_table(results: Path, profile: str) -> str:
         runs, counts, m = rec.get("runs", []), rec.get("counts", {}), rec.get("machine", {})
         made_with = sorted({str(r.get("made_with"))[:7] for r in runs if r.get("outcome") != "other machine"})
         rows.append({"record": path.name, "date": str(rec.get("date", "-"))[:10],
-                     "code checked": str(rec.get("commit"))[:7],
+                     "code checked": str(rec.get("commit"))[:7] + ("+dirty" if "dirty" in str(rec.get("commit")) else ""),
                      "machine": f"{m.get('cpu', '?')} ({m.get('cpu_capability', '?')}, torch {m.get('torch', '?')})",
                      "runs selected": _selection(rec.get("selection")),
                      "runs made with": ", ".join(made_with) or "-", "epochs compared": _epochs(runs),
