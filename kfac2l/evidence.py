@@ -176,7 +176,8 @@ def matched_table(results: Path, profile: str, panel: str) -> str:
             f"RESIDU and TAYLOR selected it too, so their runs and KFAC's, n = {len(kfac)}, are the selected arm's). "
             "Difference = optimiser - KFAC on the same seed, median over seeds. Secondary and descriptive: "
             "no test (the declared family is the selected arm's); the bootstrap interval (10000 percentile "
-            f"resamples, from {MIN_PAIRS} pairs) is not adjusted for multiplicity. Next to last column: the primary "
+            f"resamples, computed from {MIN_PAIRS} pairs on; 'interim' below {PLANNED_PAIRS}) is not adjusted for "
+            "multiplicity. Next to last column: the primary "
             "family's median difference on the same seeds, where the method's selected damping differs. "
             "Commits (CPU): the code the runs of each pair were made with, and torch's SIMD capability of "
             "the machines that ran it.\n")
