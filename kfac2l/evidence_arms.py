@@ -64,7 +64,7 @@ def _clip_factor(record) -> pd.Series | None:
 
 
 def clip_arms(profile_root: Path, selected: str) -> pd.DataFrame:
-    """One row per complete run of the ``noclip`` and ``clipgrid`` arms under ``profile_root``
+    """One row per completed, diverged or failed run of the ``noclip`` and ``clipgrid`` arms under ``profile_root``
     (``results/final/<profile>``), with the selected arm's run of the same optimiser and seed where its
     lr and damping are the same (else its cells are empty)."""
     base = {(r.summary["optimizer"], int(r.summary["seed"])): r.summary for r in iter_runs(profile_root / selected)}
