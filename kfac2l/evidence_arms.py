@@ -9,7 +9,8 @@ optimiser's seed-0 grid, rerun on seed 11, ranked on both seeds.
 Inline numbers (``<!-- value:arms:KEY -->``): ``arms:select11:PROFILE:PANEL:BUDGET`` (BUDGET ``grid`` or
 ``full``: how many optimisers' seed-0 choice held on seed 11, of how many; ``epochs``: the grid's budget), and
 ``arms:clip:PROFILE:PANEL:ARM:OPTIMIZER:STAT`` (ARM ``noclip`` or a kappa of ``CLIPGRID_KAPPAS``; STAT
-``median``, ``min``, ``max`` of the difference to the clipped run, or ``n``), and
+``median``, ``min``, ``max`` of the difference to the clipped run over the runs that neither diverged
+nor failed, or ``n``), and
 ``arms:clip-reading:PROFILE:PANEL`` (``clip_reading``, the declared rule).
 """
 
@@ -105,7 +106,8 @@ def clip_arms_table(results: Path, profile: str, panel: str) -> str:
         "arm": frame["label"], "optimizer": frame["optimizer"].map(LABELS), "seed": frame["seed"].astype(str),
         "setting": frame["setting"], "status": frame["status"], "best loss": frame["best"].map(lambda v: _g(v, 4)),
         "with the unscaled clip, kappa 1e-2 (same seed)": frame["clipped_best"].map(lambda v: _g(v, 4)),
-        "difference": frame["difference"].map(lambda v: "-" if pd.isna(v) else f"{v:+.4f}"),
+        "difference": [st if st in FAILED else "-" if pd.isna(v) else f"{v:+.4f}"
+                       for v, st in zip(frame["difference"], frame["status"])],
         "steps clipped (nu < 1)": frame["clipped_share"].map(lambda v: "-" if v is None or pd.isna(v)
                                                              else f"{100 * v:.1f} %"),
         "median nu": frame["nu_median"].map(_g),
@@ -268,10 +270,17 @@ def value(key: str, results: Path) -> str:
     if kind == "clip":
         profile, panel, arm, opt, stat = parts
         frame = clip_arms(Path(results) / "final" / profile, panel)
-        sub = frame[(frame["arm"] == arm) & (frame["optimizer"] == opt)]["difference"].dropna() if len(frame) else []
+        runs = frame[(frame["arm"] == arm) & (frame["optimizer"] == opt)] if len(frame) else frame
+        paired = runs[runs["difference"].notna()] if len(runs) else runs
         if stat == "n":
-            return str(len(sub))
-        return "-" if not len(sub) else f"{getattr(sub, stat)():+.4f}"
+            return str(len(paired))
+        ended = paired[~paired["status"].isin(FAILED)]["difference"] if len(paired) else paired
+        lost = len(paired) - len(ended)
+        if not len(paired):
+            return "-"
+        if not len(ended):
+            return "every run diverged or failed"
+        return f"{getattr(ended, stat)():+.4f}" + (f" ({lost} diverged or failed, left out)" if lost else "")
     raise ValueError(f"unknown value kind arms:{kind!r}; valid: arms:select11, arms:clip, arms:clip-reading")
 
 

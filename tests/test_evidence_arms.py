@@ -75,6 +75,14 @@ def test_clip_reading_follows_the_declared_rule(tmp_path):
         _run(tmp_path, f"deep_linear_a_clip_lr2_kappa{kappa}", "kfac", 1, [0.9, 0.5 + shift])
     text = arms.value(key, tmp_path)
     assert text.startswith("the clip is mixed: 7 of 9 runs without it end higher or diverge")
+    residu = "clip:paper:deep_linear_a:noclip:residu:median"
+    assert arms.value(residu, tmp_path) == "+0.0100 (1 diverged or failed, left out)"
+    for seed in (1, 2):
+        summary = tmp_path / f"final/paper/deep_linear_a_noclip/residu/lr=0.01,damping=0.001,seed={seed}/summary.json"
+        summary.write_text(json.dumps({**json.loads(summary.read_text()), "status": "failed"}))
+    assert arms.value(residu, tmp_path) == "every run diverged or failed"
+    table = {(r[1], r[2]): r[7] for r in _rows(arms.clip_arms_table(tmp_path, "paper", "deep_linear_a"))}
+    assert table[("RESIDU", "3")] == "diverged" and table[("RESIDU", "1")] == "failed"
     assert "under the lr^2 form kappa 1e-4 reach the unscaled clip's seed-1 loss within 0.02" in text
 
 
