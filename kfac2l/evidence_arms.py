@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from kfac2l.analysis import SMALLEST_EFFECT
+from kfac2l.evidence import FAILED, _g, _nu
 from kfac2l.names import LABELS, ORDER
 from kfac2l.plan import (
     CLIPGRID_KAPPAS,
@@ -36,12 +37,7 @@ from kfac2l.plan import (
 from kfac2l.runs import iter_runs
 
 GRID_EPOCHS = 10   # the grid's budget where its table does not record one (max_epochs)
-FAILED = ("diverged", "failed")   # a run that ended so counts as higher than any run that did not
 SHOWN = ("completed", *FAILED)    # statuses of runs the tables show (not running or interrupted ones)
-
-
-def _g(x, digits: int = 3) -> str:
-    return "-" if x is None or pd.isna(x) else f"{x:.{digits}g}"
 
 
 def _setting(lr, damping) -> str:
@@ -57,11 +53,6 @@ def _same(a, b) -> bool:
 
 def _machine(summary: dict) -> str:
     return f"{str(summary.get('git_commit'))[:7]} ({(summary.get('machine') or {}).get('cpu_capability') or 'unrecorded'})"
-
-
-def _clip_factor(record) -> pd.Series | None:
-    clip = record.read_csv("kl_clip.csv")
-    return clip["nu"] if clip is not None and "nu" in clip else None
 
 
 def clip_arms(profile_root: Path, selected: str) -> pd.DataFrame:
@@ -80,7 +71,7 @@ def clip_arms(profile_root: Path, selected: str) -> pd.DataFrame:
             ref = base.get((s["optimizer"], int(s["seed"])))
             if ref is not None and not (_same(ref.get("lr"), s.get("lr")) and _same(ref.get("damping"), s.get("damping"))):
                 ref = None
-            nu = _clip_factor(record)
+            nu = _nu(record)
             rows.append({"arm": key, "label": label, "optimizer": s["optimizer"], "seed": int(s["seed"]),
                          "setting": _setting(s.get("lr"), s.get("damping")), "best": s.get("best_train_loss"),
                          "clipped_best": None if ref is None else ref.get("best_train_loss"),
